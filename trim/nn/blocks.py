@@ -1,0 +1,150 @@
+"""Transformer blocks built from `Attention` and `Mlp`.
+
+Every block takes ``keep`` (B, N): the tokens still alive. Pruned tokens are not attended
+to (they are masked as keys) and not updated (the block returns their input unchanged),
+so a token dropped in one layer stays dropped in every later layer. A float ``keep``
+(0/1 with straight-through gradients, training) gates the update softly; a bool ``keep``
+(inference, usually the padding mask of gathered tokens) selects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trim.nn.attention import Attention
+from trim.nn.mlp import Mlp
+
+
+def gate(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
+    """Take `new` where the token is alive and keep `old` where it was pruned."""
+    if keep is None:
+        return new
+    if keep.is_floating_point():
+        return old + keep[..., None].to(new.dtype) * (new - old)
+    return torch.where(keep[..., None], new, old)
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)): ViT, CLIP and SAM encoders."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        act: str = "gelu",
+        eps: float = 1e-6,
+        fused_qkv: bool = True,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, fused_qkv=fused_qkv, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        keep: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        heads: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+    ) -> Tensor:
+        h = x + self.attn(self.norm1(x), key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias)
+        h = h + self.mlp(self.norm2(h))
+        return gate(h, x, keep)
+
+
+class PostNormBlock(nn.Module):
+    """norm(x + attn(x)), then norm(x + mlp(x)): BERT and RoBERTa encoders."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        act: str = "gelu",
+        eps: float = 1e-12,
+        fused_qkv: bool = False,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.attn = Attention(dim, num_heads, fused_qkv=fused_qkv, qkv_bias=qkv_bias)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        keep: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        heads: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+    ) -> Tensor:
+        h = self.norm1(x + self.attn(x, key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias))
+        h = self.norm2(h + self.mlp(h))
+        return gate(h, x, keep)
+
+
+class CrossBlock(nn.Module):
+    """Self-attention, cross-attention to the other stream, MLP (METER / BridgeTower).
+
+    Post-norm by default, as both METER and BridgeTower build their co-attention layers
+    from BERT layers; ``norm_first=True`` gives the pre-norm variant.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        context_dim: int | None = None,
+        act: str = "gelu",
+        eps: float = 1e-12,
+        norm_first: bool = False,
+        fused_qkv: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = Attention(dim, num_heads, fused_qkv=fused_qkv)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = Attention(dim, num_heads, kv_dim=context_dim or dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        *,
+        keep: Tensor | None = None,
+        context_keep: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        heads: Tensor | None = None,
+        cross_head_mask: Tensor | None = None,
+        cross_heads: Tensor | None = None,
+    ) -> Tensor:
+        def self_attn(h: Tensor) -> Tensor:
+            return self.self_attn(h, key_keep=keep, head_mask=head_mask, heads=heads)
+
+        def cross_attn(h: Tensor) -> Tensor:
+            return self.cross_attn(h, context, key_keep=context_keep, head_mask=cross_head_mask, heads=cross_heads)
+
+        if self.norm_first:
+            h = x + self_attn(self.norm1(x))
+            h = h + cross_attn(self.norm2(h))
+            h = h + self.mlp(self.norm3(h))
+        else:
+            h = self.norm1(x + self_attn(x))
+            h = self.norm2(h + cross_attn(h))
+            h = self.norm3(h + self.mlp(h))
+        return gate(h, x, keep)

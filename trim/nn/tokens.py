@@ -1,0 +1,104 @@
+"""Token-set bookkeeping for pruned execution.
+
+A `TokenSet` carries a stream's tokens through a stack of blocks in one of two layouts:
+
+* **masked** (training): every token stays in place; ``keep`` is a float 0/1 mask with
+  straight-through gradients. Blocks mask pruned keys and skip their updates.
+* **physical** (inference): each sample's alive tokens are gathered to the front and the
+  batch is padded to its longest sample; ``keep`` is then the bool validity mask of that
+  padding, ``index`` the original position of every carried token. Dropped tokens'
+  last values are parked in ``archive`` so dense tasks can scatter them back.
+
+For the same hard decisions both layouts give the same outputs (design invariant 1):
+alive tokens see the same keys and receive the same updates in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, i]] for (B, N, D) x and (B, M) index."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of each sample's kept tokens, in order, padded to the batch maximum.
+
+    Returns ``index`` (B, M) and ``valid`` (B, M) where M = max kept count; padded slots
+    point at position 0 and are marked invalid.
+    """
+    keep = keep.bool()
+    counts = keep.sum(1)
+    m = int(counts.max()) if keep.numel() else 0
+    # A stable sort of "not kept" brings kept positions to the front in their original order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
+    valid = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+@dataclass
+class TokenSet:
+    x: Tensor  # (B, N, D) carried tokens
+    keep: Tensor  # (B, N) alive mask: float 0/1 (masked) or bool validity (physical)
+    protect: Tensor  # (B, N) bool: special tokens that are never pruned
+    index: Tensor | None = None  # (B, N) original positions (physical only)
+    archive: Tensor | None = None  # (B, N0 + 1, D) last values of every token (physical only)
+
+    @classmethod
+    def start(cls, x: Tensor, *, valid: Tensor | None = None, protect: Tensor | None = None,
+              physical: bool = False, soft: bool = True) -> "TokenSet":
+        """Begin a stack. ``valid``: padding mask (False = padding), ``protect``: special tokens.
+
+        In physical mode padding is dropped right away (it is never attended to anyway).
+        ``soft`` picks the float keep mask of the masked layout (needed for gradients).
+        """
+        b, n, _ = x.shape
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
+        protect = torch.zeros_like(valid) if protect is None else protect.bool()
+        if not physical:
+            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid)
+        tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
+                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1))
+        return tokens if bool(valid.all()) else tokens.prune(valid)
+
+    @property
+    def physical(self) -> bool:
+        return self.index is not None
+
+    def with_x(self, x: Tensor) -> "TokenSet":
+        return replace(self, x=x)
+
+    def kept_counts(self) -> Tensor:
+        """Alive tokens per sample (B,), as float so expected costs stay differentiable."""
+        return self.keep.to(self.x.dtype).sum(1)
+
+    def mean(self) -> Tensor:
+        """Mean over alive tokens per sample (B, D); padding and pruned tokens excluded."""
+        w = self.keep.to(self.x.dtype)[..., None]
+        return (self.x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def prune(self, decision: Tensor) -> "TokenSet":
+        """Drop tokens whose ``decision`` is 0/False. Protected tokens are always kept."""
+        if not self.physical:
+            decision = torch.where(self.protect, torch.ones_like(decision), decision.to(self.keep.dtype))
+            return replace(self, keep=self.keep * decision if self.keep.is_floating_point() else self.keep & decision.bool())
+        keep = self.keep & (decision.bool() | self.protect)
+        # Park every carried token's current value; padded slots write to the spare last row.
+        slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
+        archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
+        pos, valid = compact(keep)
+        return TokenSet(gather_tokens(self.x, pos), valid, self.protect.gather(1, pos) & valid,
+                        index=self.index.gather(1, pos), archive=archive)
+
+    def restore(self) -> Tensor:
+        """All original positions (B, N0, D): carried tokens' values, dropped tokens' last values."""
+        if not self.physical:
+            return self.x
+        slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
+        full = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
+        return full[:, :-1]

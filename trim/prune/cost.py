@@ -1,0 +1,92 @@
+"""Analytic FLOPs of trim's blocks for given kept tokens and heads.
+
+Counted as `torch.utils.flop_counter` counts them: 2 FLOPs per multiply-accumulate of every
+matrix product (projections, attention scores, attention-weighted values, MLP); element-wise
+work (norms, softmax, activations) is not counted. For one sample with ``n`` query tokens,
+``m`` key tokens, ``h`` kept heads of width ``d_h``, model width ``D``, key width ``D_kv``
+and MLP width ``F``:
+
+    attention = 2 n D h d_h            (q)        + 4 m D_kv h d_h   (k, v)
+              + 4 h n m d_h            (scores, weighted values) + 2 n h d_h D (output)
+    mlp       = 4 n D F
+
+Counts may be float tensors: expected kept counts from soft keep probabilities give a
+differentiable expected cost, which is what the cost loss trains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from trim.nn.attention import Attention
+from trim.nn.blocks import CrossBlock, PostNormBlock, PreNormBlock
+from trim.nn.mlp import Mlp
+from trim.prune.trimmers import HeadTrimmer, TokenTrimmer
+
+Count = Tensor | float | int
+
+
+def attention_flops(attn: Attention, n: Count, heads: Count, m: Count | None = None) -> Count:
+    m = n if m is None else m
+    d_h = attn.head_dim
+    return (2 * n * attn.dim * heads * d_h + 4 * m * attn.kv_dim * heads * d_h
+            + 4 * heads * n * m * d_h + 2 * n * heads * d_h * attn.dim)
+
+
+def mlp_flops(mlp: Mlp, n: Count) -> Count:
+    return 4 * n * mlp.fc1.in_features * mlp.fc1.out_features
+
+
+def block_flops(block: nn.Module, n: Count, heads: Count | None = None, *,
+                context_n: Count | None = None, cross_heads: Count | None = None) -> Count:
+    """FLOPs of one block for ``n`` tokens (and ``context_n`` keys for a cross block)."""
+    if isinstance(block, (PreNormBlock, PostNormBlock)):
+        h = block.attn.num_heads if heads is None else heads
+        return attention_flops(block.attn, n, h) + mlp_flops(block.mlp, n)
+    if isinstance(block, CrossBlock):
+        if context_n is None:
+            raise ValueError("a CrossBlock's cost needs context_n, the other stream's token count")
+        h = block.self_attn.num_heads if heads is None else heads
+        hc = block.cross_attn.num_heads if cross_heads is None else cross_heads
+        return (attention_flops(block.self_attn, n, h) + attention_flops(block.cross_attn, n, hc, context_n)
+                + mlp_flops(block.mlp, n))
+    raise TypeError(f"no cost model for {type(block).__name__}; add one to trim/prune/cost.py")
+
+
+def token_trimmer_flops(trimmer: TokenTrimmer, n: Count) -> Count:
+    r = trimmer.local.out_features
+    per_sample = 2 * trimmer.glob.in_features * r
+    if trimmer.cross is not None:
+        per_sample += 2 * trimmer.cross.in_features * r
+    return n * (2 * trimmer.local.in_features * r + 2 * r) + per_sample
+
+
+def head_trimmer_flops(trimmer: HeadTrimmer) -> int:
+    r = trimmer.glob.out_features
+    cross = 2 * trimmer.cross.in_features * r if trimmer.cross is not None else 0
+    return 2 * trimmer.glob.in_features * r + cross + 2 * r * trimmer.num_heads
+
+
+@dataclass
+class CostMeter:
+    """Per-sample FLOPs of a forward pass, trimmed and untrimmed, summed over every stack.
+
+    ``ratio()`` is the model-level cost ratio (1.0 = nothing saved). In training the
+    trimmed side is an expectation under the keep probabilities, so it carries gradients.
+    """
+
+    trimmed: list[Tensor] = field(default_factory=list)
+    full: list[Tensor] = field(default_factory=list)
+
+    def add(self, trimmed: Count, full: Count, batch: int, device: torch.device | None = None) -> None:
+        self.trimmed.append(torch.as_tensor(trimmed, dtype=torch.float32, device=device).expand(batch).float())
+        self.full.append(torch.as_tensor(full, dtype=torch.float32, device=device).expand(batch).float())
+
+    def ratio(self) -> Tensor:
+        """(B,) trimmed / full FLOPs per sample."""
+        if not self.full:
+            raise RuntimeError("CostMeter is empty: run a forward pass through a trimmed stack first")
+        return torch.stack(self.trimmed).sum(0) / torch.stack(self.full).sum(0)

@@ -1,0 +1,142 @@
+"""SmartTrim's trimmers: which tokens and which heads this input needs.
+
+`TokenTrimmer` scores every token from three views, each projected to a small width r:
+the token itself (local), the mean of its own modality's alive tokens (global), and the
+pooled feature of the *other* modality (cross-modal). The sum goes through GELU and a
+small MLP to one keep logit per token, so the same image patch can be kept for one
+question and dropped for another.
+
+`HeadTrimmer` maps the modality's global feature (and, for cross-attention, the other
+modality's pooled feature) to one keep logit per head.
+
+Both start as no-ops (design invariant 3): the last layer's weights are zero and its bias
+is ``init_logit`` > 0, so every token and head is kept until training says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trim.nn.tokens import TokenSet
+from trim.prune.gumbel import deterministic, gumbel_sigmoid, straight_through
+
+MODES = ("gumbel", "hard")
+
+
+def _keep_all_head(layer: nn.Linear, init_logit: float) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.constant_(layer.bias, init_logit)
+
+
+def _forced_topk(logits: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
+    """Keep the k highest-logit eligible entries per row (k: (B,) long)."""
+    scores = logits.masked_fill(~eligible, float("-inf"))
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (rank < k[:, None]) & eligible
+
+
+class TokenTrimmer(nn.Module):
+    """Per-token keep decisions conditioned on the token, its modality and the other modality."""
+
+    def __init__(self, dim: int, other_dim: int | None = None, *, hidden: int | None = None,
+                 min_keep: int = 1, init_logit: float = 3.0) -> None:
+        super().__init__()
+        r = hidden or max(dim // 8, 16)
+        self.local = nn.Linear(dim, r)
+        self.glob = nn.Linear(dim, r, bias=False)
+        self.cross = nn.Linear(other_dim, r, bias=False) if other_dim else None
+        self.norm = nn.LayerNorm(r)
+        self.act = nn.GELU()
+        self.out = nn.Linear(r, 1)
+        _keep_all_head(self.out, init_logit)
+        self.min_keep = min_keep
+        # Benchmarks and static baselines: keep exactly this fraction of prunable tokens.
+        self.forced_ratio: float | None = None
+
+    def logits(self, tokens: TokenSet, other: Tensor | None = None) -> Tensor:
+        h = self.local(tokens.x) + self.glob(tokens.mean())[:, None]
+        if self.cross is not None:
+            if other is None:
+                raise ValueError("this TokenTrimmer is cross-modal: pass the other modality's pooled feature")
+            h = h + self.cross(other)[:, None]
+        return self.out(self.act(self.norm(h))).squeeze(-1)
+
+    def forward(self, tokens: TokenSet, other: Tensor | None = None, *, mode: str = "hard",
+                tau: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Return (decision (B, N), keep probability (B, N)) over the carried tokens.
+
+        The decision is float 0/1 with straight-through gradients in ``gumbel`` mode and bool
+        in ``hard`` mode. Special tokens are always 1; padding/dropped tokens are left as they
+        are (the TokenSet's mask already excludes them); at least ``min_keep`` prunable tokens
+        stay alive per sample.
+        """
+        logits = self.logits(tokens, other)
+        prob = torch.sigmoid(logits)
+        alive = tokens.keep.bool()
+        prunable = alive & ~tokens.protect
+        sample = None
+        if self.forced_ratio is not None:
+            k = torch.ceil(prunable.sum(1) * self.forced_ratio).long().clamp_min(min(self.min_keep, 1))
+            hard = _forced_topk(logits, prunable, torch.minimum(k, prunable.sum(1)))
+        else:
+            sample = gumbel_sigmoid(logits, tau, hard=False) if mode == "gumbel" else None
+            hard = sample > 0.5 if sample is not None else deterministic(logits)
+            floor = torch.clamp(prunable.sum(1), max=self.min_keep)
+            hard = hard | _forced_topk(logits, prunable, floor)
+        hard = hard | tokens.protect | ~alive  # never prune special tokens; leave padding to its mask
+        if mode == "gumbel":
+            surrogate = prob if sample is None else sample
+            return straight_through(hard, torch.where(prunable, surrogate, torch.ones_like(prob))), prob
+        if mode != "hard":
+            raise ValueError(f"unknown trimming mode {mode!r}; choose one of {MODES}")
+        return hard, prob
+
+
+class HeadTrimmer(nn.Module):
+    """Per-sample keep decisions over the H heads of one attention layer."""
+
+    def __init__(self, dim: int, num_heads: int, other_dim: int | None = None, *, hidden: int | None = None,
+                 min_keep: int = 1, init_logit: float = 3.0) -> None:
+        super().__init__()
+        r = hidden or max(dim // 8, 16)
+        self.num_heads = num_heads
+        self.glob = nn.Linear(dim, r)
+        self.cross = nn.Linear(other_dim, r, bias=False) if other_dim else None
+        self.act = nn.GELU()
+        self.out = nn.Linear(r, num_heads)
+        _keep_all_head(self.out, init_logit)
+        self.min_keep = min_keep
+        self.forced_heads: int | None = None
+
+    def logits(self, pooled: Tensor, other: Tensor | None = None) -> Tensor:
+        h = self.glob(pooled)
+        if self.cross is not None:
+            if other is None:
+                raise ValueError("this HeadTrimmer conditions on the other modality: pass its pooled feature")
+            h = h + self.cross(other)
+        return self.out(self.act(h))
+
+    def forward(self, pooled: Tensor, other: Tensor | None = None, *, mode: str = "hard",
+                tau: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Return (head mask (B, H) float, keep probability (B, H))."""
+        logits = self.logits(pooled, other)
+        prob = torch.sigmoid(logits)
+        everything = torch.ones_like(logits, dtype=torch.bool)
+        b = logits.shape[0]
+        sample = None
+        if self.forced_heads is not None:
+            k = torch.full((b,), min(self.forced_heads, self.num_heads), device=logits.device)
+            return _forced_topk(logits, everything, k).to(logits.dtype), prob
+        sample = gumbel_sigmoid(logits, tau, hard=False) if mode == "gumbel" else None
+        hard = sample > 0.5 if sample is not None else deterministic(logits)
+        hard = hard | _forced_topk(logits, everything, torch.full((b,), self.min_keep, device=logits.device))
+        if mode == "gumbel":
+            return straight_through(hard, sample), prob
+        return hard.to(logits.dtype), prob
+
+
+def heads_to_run(head_mask: Tensor) -> Tensor | None:
+    """Union of kept heads over the batch (physical slicing), or None when all are kept."""
+    union = head_mask.bool().any(0)
+    return None if bool(union.all()) else union.nonzero().squeeze(1)
