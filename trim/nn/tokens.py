@@ -48,10 +48,11 @@ class TokenSet:
     protect: Tensor  # (B, N) bool: special tokens that are never pruned
     index: Tensor | None = None  # (B, N) original positions (physical only)
     archive: Tensor | None = None  # (B, N0 + 1, D) last values of every token (physical only)
+    segment: Tensor | None = None  # (B, N) modality id of each token (single-stream models)
 
     @classmethod
     def start(cls, x: Tensor, *, valid: Tensor | None = None, protect: Tensor | None = None,
-              physical: bool = False, soft: bool = True) -> "TokenSet":
+              segment: Tensor | None = None, physical: bool = False, soft: bool = True) -> "TokenSet":
         """Begin a stack. ``valid``: padding mask (False = padding), ``protect``: special tokens.
 
         In physical mode padding is dropped right away (it is never attended to anyway).
@@ -61,9 +62,9 @@ class TokenSet:
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
         protect = torch.zeros_like(valid) if protect is None else protect.bool()
         if not physical:
-            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid)
+            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment)
         tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
-                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1))
+                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment)
         return tokens if bool(valid.all()) else tokens.prune(valid)
 
     @property
@@ -77,10 +78,23 @@ class TokenSet:
         """Alive tokens per sample (B,), as float so expected costs stay differentiable."""
         return self.keep.to(self.x.dtype).sum(1)
 
-    def mean(self) -> Tensor:
-        """Mean over alive tokens per sample (B, D); padding and pruned tokens excluded."""
-        w = self.keep.to(self.x.dtype)[..., None]
+    def mean(self, segment: int | None = None) -> Tensor:
+        """Mean over alive tokens per sample (B, D), optionally of one segment only;
+        padding and pruned tokens excluded."""
+        w = self.keep.to(self.x.dtype)
+        if segment is not None:
+            w = w * (self.segment == segment).to(w.dtype)
+        w = w[..., None]
         return (self.x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def alive_positions(self) -> Tensor:
+        """(B, N0) bool: which original positions are still alive (for kept-token plots)."""
+        if not self.physical:
+            return self.keep.bool()
+        n0 = self.archive.shape[1] - 1
+        alive = torch.zeros(self.x.shape[0], n0 + 1, dtype=torch.bool, device=self.x.device)
+        slot = torch.where(self.keep, self.index, torch.full_like(self.index, n0))
+        return alive.scatter(1, slot, True)[:, :-1]
 
     def prune(self, decision: Tensor) -> "TokenSet":
         """Drop tokens whose ``decision`` is 0/False. Protected tokens are always kept."""
@@ -92,8 +106,9 @@ class TokenSet:
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
         archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
         pos, valid = compact(keep)
+        segment = None if self.segment is None else self.segment.gather(1, pos)
         return TokenSet(gather_tokens(self.x, pos), valid, self.protect.gather(1, pos) & valid,
-                        index=self.index.gather(1, pos), archive=archive)
+                        index=self.index.gather(1, pos), archive=archive, segment=segment)
 
     def restore(self) -> Tensor:
         """All original positions (B, N0, D): carried tokens' values, dropped tokens' last values."""

@@ -16,6 +16,7 @@ the kept tokens and heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,18 +45,76 @@ class LayerRecord:
 
     tokens: Tensor  # (B,) tokens the block processed (alive, padding excluded)
     heads: Tensor  # (B,) heads each sample kept
+    alive: Tensor | None = None  # (B, N0) alive original positions, when asked for (plots)
 
 
-def start_tokens(x: Tensor, mode: str, *, valid: Tensor | None = None, protect: Tensor | None = None) -> TokenSet:
+def start_tokens(x: Tensor, mode: str, *, valid: Tensor | None = None, protect: Tensor | None = None,
+                 segment: Tensor | None = None) -> TokenSet:
     """The TokenSet layout a mode runs in (physical only for ``eval``)."""
     check_mode(mode)
-    return TokenSet.start(x, valid=valid, protect=protect, physical=mode == "eval", soft=mode == "train")
+    return TokenSet.start(x, valid=valid, protect=protect, segment=segment, physical=mode == "eval",
+                          soft=mode == "train")
+
+
+# (tokens) -> (own pooled feature or None for the default mean, other modality's pooled feature)
+Conditioner = Callable[[TokenSet], tuple["Tensor | None", "Tensor | None"]]
 
 
 def expected_tokens(tokens: TokenSet, prob: Tensor) -> Tensor:
     """Tokens the next block is expected to process: alive and (protected or kept w.p. prob)."""
     p = torch.where(tokens.protect, torch.ones_like(prob), prob)
     return (tokens.keep.to(prob.dtype) * p).sum(1)
+
+
+@dataclass
+class TokenStep:
+    tokens: TokenSet  # after pruning
+    cost_tokens: Tensor | float | None  # expected count in training, else None (use actual)
+    overhead: Tensor | float  # trimmer FLOPs
+
+
+def trim_tokens(trimmer: TokenTrimmer | None, tokens: TokenSet, mode: str, *, tau: float = 1.0,
+                own: Tensor | None = None, other: Tensor | None = None) -> TokenStep:
+    """Apply one layer's token trimmer (or nothing) in the given trimming mode."""
+    if trimmer is None or mode == "off":
+        return TokenStep(tokens, None, 0.0)
+    decision, prob = trimmer(tokens, other, own=own, mode=decision_mode(mode), tau=tau)
+    overhead = token_trimmer_flops(trimmer, tokens.kept_counts().detach())
+    expected = expected_tokens(tokens, prob) if mode == "train" else None
+    return TokenStep(tokens.prune(decision), expected, overhead)
+
+
+@dataclass
+class HeadStep:
+    mask: Tensor | None  # (B, H) per-sample head mask, None = all heads
+    heads: Tensor | None  # heads computed physically (union over the batch), None = all
+    cost_heads: Tensor | float | None  # expected (train) or computed (eval) heads, None = all
+    kept: Tensor  # (B,) heads each sample kept
+    overhead: Tensor | float
+
+
+def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode: str, *, tau: float = 1.0,
+               other: Tensor | None = None) -> HeadStep:
+    """Apply one attention layer's head trimmer (or nothing) in the given trimming mode."""
+    if trimmer is None or mode == "off":
+        return HeadStep(None, None, None, torch.full((pooled.shape[0],), float(num_heads), device=pooled.device), 0.0)
+    mask, prob = trimmer(pooled, other, mode=decision_mode(mode), tau=tau)
+    heads, cost = None, None
+    if mode == "train":
+        cost = prob.sum(1)
+    elif mode == "eval":
+        heads = heads_to_run(mask)
+        cost = float(heads.numel()) if heads is not None else None
+    elif mode == "masked":
+        cost = mask.sum(1)
+    return HeadStep(mask, heads, cost, mask.sum(1), head_trimmer_flops(trimmer))
+
+
+def token_cost(tokens: TokenSet, step: TokenStep) -> Tensor | float:
+    """Tokens a block pays for: expected (train), padded length (physical) or alive count."""
+    if step.cost_tokens is not None:
+        return step.cost_tokens
+    return float(tokens.x.shape[1]) if tokens.physical else tokens.kept_counts().detach()
 
 
 class TrimmedStack(nn.Module):
@@ -72,44 +131,39 @@ class TrimmedStack(nn.Module):
                 raise ValueError(f"trimmer on layer {layer} but the stack has {len(blocks)} layers (0..{len(blocks) - 1})")
 
     def forward(self, tokens: TokenSet, *, mode: str = "off", other: Tensor | None = None, tau: float = 1.0,
-                meter: CostMeter | None = None,
-                records: list[LayerRecord] | None = None) -> TokenSet:
-        """Run every block. ``other``: the other modality's pooled feature (cross-modal trimmers)."""
+                meter: CostMeter | None = None, records: list[LayerRecord] | None = None,
+                condition: Conditioner | None = None, track_alive: bool = False,
+                outputs: list[TokenSet] | None = None) -> TokenSet:
+        """Run every block.
+
+        ``other``: the other modality's pooled feature for cross-modal trimmers, or
+        ``condition``: a function giving (own, other) pooled features from the current tokens
+        (single-stream models, where both modalities change layer by layer).
+        ``outputs`` collects each block's output TokenSet (BridgeTower's bridges read them).
+        """
         check_mode(mode)
         b = tokens.x.shape[0]
         full_tokens = tokens.kept_counts().detach()
         for i, block in enumerate(self.blocks):
             key = str(i)
-            n_cost, h_cost, extra = None, None, 0.0
-            heads_kept = torch.full((b,), float(_num_heads(block)), device=tokens.x.device)
-            head_mask = heads = None
-            if mode != "off" and key in self.token_trimmers:
-                trimmer = self.token_trimmers[key]
-                decision, prob = trimmer(tokens, other, mode=decision_mode(mode), tau=tau)
-                extra = token_trimmer_flops(trimmer, tokens.kept_counts().detach())
-                if mode == "train":
-                    n_cost = expected_tokens(tokens, prob)
-                tokens = tokens.prune(decision)
-            if mode != "off" and key in self.head_trimmers:
-                trimmer = self.head_trimmers[key]
-                head_mask, prob = trimmer(tokens.mean(), other, mode=decision_mode(mode), tau=tau)
-                extra = extra + head_trimmer_flops(trimmer)
-                heads_kept = head_mask.sum(1)
-                if mode == "train":
-                    h_cost = prob.sum(1)
-                elif mode == "eval":
-                    heads = heads_to_run(head_mask)
-                    h_cost = float(heads.numel()) if heads is not None else None
+            own, other_now = condition(tokens) if condition is not None and mode != "off" else (None, other)
+            tok = trim_tokens(self.token_trimmers[key] if key in self.token_trimmers else None, tokens, mode,
+                              tau=tau, own=own, other=other_now)
+            tokens = tok.tokens
+            pooled = tokens.mean() if own is None or key not in self.head_trimmers else own
+            head = trim_heads(self.head_trimmers[key] if key in self.head_trimmers else None, _num_heads(block),
+                              pooled, mode, tau=tau, other=other_now)
             kept = tokens.kept_counts()
-            if n_cost is None:
-                # Physical execution pays for the padded length; masked pays for alive tokens.
-                n_cost = float(tokens.x.shape[1]) if tokens.physical else kept.detach()
-            tokens = tokens.with_x(block(tokens.x, keep=tokens.keep, head_mask=head_mask, heads=heads))
+            n_cost = token_cost(tokens, tok)
+            tokens = tokens.with_x(block(tokens.x, keep=tokens.keep, head_mask=head.mask, heads=head.heads))
             if meter is not None:
-                meter.add(block_flops(block, n_cost, h_cost) + extra, block_flops(block, full_tokens), b,
-                          tokens.x.device)
+                meter.add(block_flops(block, n_cost, head.cost_heads) + tok.overhead + head.overhead,
+                          block_flops(block, full_tokens), b, tokens.x.device)
             if records is not None:
-                records.append(LayerRecord(kept.detach(), heads_kept.detach()))
+                alive = tokens.alive_positions() if track_alive else None
+                records.append(LayerRecord(kept.detach(), head.kept.detach(), alive))
+            if outputs is not None:
+                outputs.append(tokens)
         return tokens
 
 

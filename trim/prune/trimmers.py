@@ -54,24 +54,26 @@ class TokenTrimmer(nn.Module):
         # Benchmarks and static baselines: keep exactly this fraction of prunable tokens.
         self.forced_ratio: float | None = None
 
-    def logits(self, tokens: TokenSet, other: Tensor | None = None) -> Tensor:
-        h = self.local(tokens.x) + self.glob(tokens.mean())[:, None]
+    def logits(self, tokens: TokenSet, other: Tensor | None = None, own: Tensor | None = None) -> Tensor:
+        own = tokens.mean() if own is None else own
+        h = self.local(tokens.x) + self.glob(own)[:, None]
         if self.cross is not None:
             if other is None:
                 raise ValueError("this TokenTrimmer is cross-modal: pass the other modality's pooled feature")
             h = h + self.cross(other)[:, None]
         return self.out(self.act(self.norm(h))).squeeze(-1)
 
-    def forward(self, tokens: TokenSet, other: Tensor | None = None, *, mode: str = "hard",
-                tau: float = 1.0) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: TokenSet, other: Tensor | None = None, *, own: Tensor | None = None,
+                mode: str = "hard", tau: float = 1.0) -> tuple[Tensor, Tensor]:
         """Return (decision (B, N), keep probability (B, N)) over the carried tokens.
 
         The decision is float 0/1 with straight-through gradients in ``gumbel`` mode and bool
         in ``hard`` mode. Special tokens are always 1; padding/dropped tokens are left as they
         are (the TokenSet's mask already excludes them); at least ``min_keep`` prunable tokens
-        stay alive per sample.
+        stay alive per sample. ``own`` overrides the global feature (default: mean of the
+        alive tokens), e.g. the mean of the image tokens only in a single-stream model.
         """
-        logits = self.logits(tokens, other)
+        logits = self.logits(tokens, other, own)
         prob = torch.sigmoid(logits)
         alive = tokens.keep.bool()
         prunable = alive & ~tokens.protect

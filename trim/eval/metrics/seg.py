@@ -31,6 +31,7 @@ logits thresholded at ``mask_threshold`` (0.0, SAM's); ``iou_preds`` is (M,).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -90,7 +91,10 @@ def decode_rle(ann: Mapping[str, Any], height: int | None = None, width: int | N
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, int(height), int(width)))
     else:
         raise ValueError(f"unsupported segmentation of type {type(segm).__name__}; expected an RLE dict or polygons")
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools' own numpy-2 copy= DeprecationWarning; nothing the caller can fix.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -38,6 +38,7 @@ __all__ = [
     "normalize_answer",
     "process_punctuation",
     "process_digit_article",
+    "question_accuracy",
     "vqa_accuracy",
     "export_evalai",
 ]
@@ -86,7 +87,7 @@ NUMBER_WORDS: dict[str, str] = {
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
-# Order matters only for speed; every character is handled independently.
+# Order does not matter: each mark's rule looks at the original text only.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                ">", "<", "@", "`", ",", "?", "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: see the module docstring

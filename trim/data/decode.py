@@ -1,0 +1,212 @@
+"""Per-task decoding of one webdataset sample, and collation of decoded samples into a batch.
+
+Runs inside the loader workers. A sample that cannot be used raises ``SkipSample`` with a
+reason from ``SKIP_REASONS``; the stream counts it, logs it with its shard and key, and
+goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trim.data.answers import soft_labels
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = {
+    "missing_key": "a file the task needs (image or json) is not in the sample",
+    "truncated": "the shard ended in the middle of the sample",
+    "bad_image": "the image bytes do not decode",
+    "bad_json": "the json does not parse or lacks a required field",
+    "duplicate_file": "the same file name appears twice in one sample",
+}
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _image_bytes(sample: Mapping[str, Any], prefix: str = "") -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if prefix + ext in sample:
+            return sample[prefix + ext]
+    have = sorted(k for k in sample if not k.startswith("__"))
+    raise SkipSample("missing_key", f"no {prefix}{{{','.join(IMAGE_EXTENSIONS)}}} file; the sample has {have}")
+
+
+def load_image(data: bytes, image_size: int) -> torch.Tensor:
+    """uint8 (3, S, S) tensor, resized to a square of side ``image_size``."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free when the target is much smaller.
+        image.draft("RGB", (image_size, image_size))
+        image = image.convert("RGB")
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BICUBIC)
+    except (OSError, ValueError, Image.DecompressionBombError) as exn:
+        raise SkipSample("bad_image", f"{type(exn).__name__}: {exn}") from None
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _json(sample: Mapping[str, Any]) -> dict:
+    if "json" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise SkipSample("missing_key", f"no json file; the sample has {have}")
+    try:
+        record = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise SkipSample("bad_json", str(exn)) from None
+    if not isinstance(record, dict):
+        raise SkipSample("bad_json", f"expected an object, got {type(record).__name__}")
+    return record
+
+
+def _field(record: Mapping[str, Any], name: str):
+    if name not in record:
+        raise SkipSample("bad_json", f"field {name!r} missing; the json has {sorted(record)}")
+    return record[name]
+
+
+def _label(value) -> int:
+    """NLVR2 label (True/False, "True"/"False", or absent on an unlabelled split) -> 1/0/-1."""
+    if value is None:
+        return -1
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return int(value.lower() == "true")
+    raise SkipSample("bad_json", f"label {value!r} is not True/False")
+
+
+class Decoder:
+    """Sample dict (bytes) -> decoded dict for one task. Picklable, so workers get a copy."""
+
+    def __init__(self, task: str, image_size: int, answer_to_id: Mapping[str, int] | None = None):
+        self.task, self.image_size, self.answer_to_id = task, image_size, answer_to_id
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        if "__duplicate__" in sample:
+            raise SkipSample("duplicate_file", sample["__duplicate__"])
+        try:
+            return getattr(self, f"_{self.task}")(sample)
+        except SkipSample as skip:
+            if skip.reason == "missing_key" and sample.get("__truncated__"):
+                raise SkipSample("truncated", skip.detail) from None
+            raise
+
+    def _vqa(self, sample):
+        record = _json(sample)
+        answers = record.get("answers") or []
+        try:
+            raw = [a["answer"] if isinstance(a, Mapping) else str(a) for a in answers]
+        except KeyError:
+            raise SkipSample("bad_json", "an entry of 'answers' has no 'answer'") from None
+        return {
+            "image": load_image(_image_bytes(sample), self.image_size),
+            "question": str(_field(record, "question")),
+            "question_id": int(_field(record, "question_id")),
+            "image_id": record.get("image_id"),
+            "question_type": str(record.get("question_type") or ""),
+            "answer_type": str(record.get("answer_type") or ""),
+            "answers": raw,
+            "labels": soft_labels(raw, self.answer_to_id or {}),
+        }
+
+    def _nlvr2(self, sample):
+        record = _json(sample)
+        left = load_image(_image_bytes(sample, "left."), self.image_size)
+        right = load_image(_image_bytes(sample, "right."), self.image_size)
+        return {
+            "images": torch.stack([left, right]),
+            "sentence": str(_field(record, "sentence")),
+            "identifier": str(_field(record, "identifier")),
+            "label": _label(record.get("label")),
+        }
+
+    def _seg(self, sample):
+        from pycocotools import mask as mask_utils
+
+        record = _json(sample)
+        info = _field(record, "image")
+        annotations = _field(record, "annotations")
+        s = self.image_size
+        try:
+            width, height = int(info["width"]), int(info["height"])
+            rles = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"]} for a in annotations]
+            for i, rle in enumerate(rles):
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode("ascii")
+                elif isinstance(rle["counts"], list):  # uncompressed RLE, as COCO crowd masks
+                    rles[i] = mask_utils.frPyObjects(rle, *rle["size"])
+            decoded = mask_utils.decode(rles) if rles else np.zeros((height, width, 0), np.uint8)
+            boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+            areas = torch.tensor([float(a["area"]) for a in annotations], dtype=torch.float32)
+            points = [a.get("point_coords") or [[b[0] + b[2] / 2, b[1] + b[3] / 2]] for a, b in zip(annotations, boxes.tolist())]
+        except (KeyError, TypeError, ValueError) as exn:
+            raise SkipSample("bad_json", f"annotation does not follow the SA-1B schema ({type(exn).__name__}: {exn})") from None
+        if decoded.shape[:2] != (height, width):
+            raise SkipSample("bad_json", f"mask size {decoded.shape[:2]} != image size {(height, width)}")
+        masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+        if masks.shape[0] and (height, width) != (s, s):
+            masks = torch.nn.functional.interpolate(masks[None].float(), size=(s, s), mode="nearest-exact")[0]
+        scale = torch.tensor([s / width, s / height, s / width, s / height])
+        xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1) * scale
+        return {
+            "image": load_image(_image_bytes(sample), s),
+            "masks": masks.to(torch.uint8),
+            "boxes": xyxy,
+            "points": torch.tensor([p[0] for p in points], dtype=torch.float32).reshape(-1, 2) * scale[:2],
+            "areas": areas,
+            "image_id": info.get("image_id", sample.get("__key__")),
+        }
+
+
+class Collate:
+    """Decoded samples -> batch dict; tokenises the text of the whole batch at once."""
+
+    def __init__(self, task: str, tokenizer, *, max_text_len: int, num_answers: int,
+                 mean: Sequence[float], std: Sequence[float]):  # fmt: skip
+        self.task, self.tokenizer, self.max_text_len, self.num_answers = task, tokenizer, max_text_len, num_answers
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return (torch.stack(images).float().div_(255.0) - self.mean) / self.std
+
+    def _text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.task == "vqa":
+            labels = torch.zeros(len(samples), self.num_answers)
+            for i, s in enumerate(samples):
+                for class_id, score in s["labels"]:
+                    labels[i, class_id] = score
+            return {
+                "pixel_values": self._pixels([s["image"] for s in samples]),
+                **self._text([s["question"] for s in samples]),
+                "labels": labels,
+                **{k: [s[k] for s in samples] for k in ("question_id", "answers", "question_type", "answer_type", "question", "image_id")},
+            }
+        if self.task == "nlvr2":
+            return {
+                "pixel_values": self._pixels([s["images"] for s in samples]),
+                **self._text([s["sentence"] for s in samples]),
+                "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                "identifier": [s["identifier"] for s in samples],
+                "sentence": [s["sentence"] for s in samples],
+            }
+        return {
+            "pixel_values": self._pixels([s["image"] for s in samples]),
+            **{k: [s[k] for s in samples] for k in ("masks", "boxes", "points", "areas", "image_id")},
+        }

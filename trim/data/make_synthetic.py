@@ -1,0 +1,166 @@
+"""Write the synthetic world as webdataset shards (``trim data synth``).
+
+Sample layout inside the shards (the same as the converters write):
+
+- vqa:   ``<question_id>.jpg`` + ``.json`` (VQA v2 question + annotation fields)
+- nlvr2: ``<identifier>.left.jpg`` + ``.right.jpg`` + ``.json`` (identifier, sentence, label)
+- seg:   ``<image_id>.png`` + ``.json`` (SA-1B per-image annotation file); PNG because the
+  masks must match the pixels exactly
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from trim.data.shards import ANSWERS_FILE, SPLITS, TASKS, ShardSink
+from trim.data.synthetic import (
+    STREAM_NLVR2,
+    STREAM_SCENE,
+    STREAM_VQA,
+    encode_image,
+    image_id_for,
+    make_scene,
+    render_scene,
+    rng_for,
+    segmentation_record,
+)
+from trim.data.synthetic_text import (
+    annotator_answers,
+    ask_questions,
+    make_statement_set,
+    text_vocabulary,
+    vqa_answer_space,
+)
+from trim.data.tokenizer import build_tokenizer, save_tokenizer
+
+PAIRS_PER_SET, SENTENCES_PER_SET = 4, 2
+
+
+def _scene(seed: int, split: str, index: int, image_size: int):
+    return make_scene(rng_for(seed, STREAM_SCENE, split, index), image_size)
+
+
+def vqa_samples(seed: int, split: str, n: int, image_size: int, *, image_format: str = "jpg",
+                questions_per_image: int = 3) -> Iterator[dict]:  # fmt: skip
+    """The first ``n`` VQA samples of a split, in order."""
+    written = 0
+    for index in itertools.count():
+        scene = _scene(seed, split, index, image_size)
+        image, _ = render_scene(scene)
+        image_bytes = encode_image(image, image_format)
+        image_id = image_id_for(split, index)
+        rng = rng_for(seed, STREAM_VQA, split, index)
+        for q_index, q in enumerate(ask_questions(rng, scene, questions_per_image)):
+            if written == n:
+                return
+            question_id = image_id * 10 + q_index
+            record = {
+                "question_id": question_id,
+                "image_id": image_id,
+                "question": q.question,
+                "question_type": q.question_type,
+                "answer_type": q.answer_type,
+                "multiple_choice_answer": q.answer,
+                "answers": annotator_answers(rng, q),
+                # Indices into the same image's segmentation annotations: the objects the
+                # answer depends on (for analysing which patches a pruned model kept).
+                "relevant_objects": list(q.relevant),
+            }
+            yield {"__key__": str(question_id), image_format: image_bytes, "json": json.dumps(record)}
+            written += 1
+        if written == n:
+            return
+
+
+def seg_samples(seed: int, split: str, n: int, image_size: int) -> Iterator[dict]:
+    """The first ``n`` segmentation samples of a split (scene ``i`` = VQA ``image_id`` i)."""
+    for index in range(n):
+        scene = _scene(seed, split, index, image_size)
+        image, masks = render_scene(scene)
+        image_id = image_id_for(split, index)
+        record = segmentation_record(scene, masks, image_id, f"{image_id}.png")
+        yield {"__key__": str(image_id), "png": encode_image(image, "png"), "json": json.dumps(record)}
+
+
+def nlvr2_samples(seed: int, split: str, n: int, image_size: int, *, image_format: str = "jpg") -> Iterator[dict]:
+    """The first ``n`` NLVR2 examples of a split, identifiers ``<split>-<set>-<pair>-<sentence>``."""
+    written = 0
+    for set_id in itertools.count():
+        rng = rng_for(seed, STREAM_NLVR2, split, set_id)
+        group = make_statement_set(rng, image_size, pairs=PAIRS_PER_SET, sentences=SENTENCES_PER_SET)
+        images = [tuple(encode_image(render_scene(s)[0], image_format) for s in pair) for pair in group.pairs]
+        for k, statement in enumerate(group.statements):
+            for p in range(len(group.pairs)):
+                if written == n:
+                    return
+                identifier = f"{split}-{set_id}-{p}-{k}"
+                stem = f"{split}-{set_id}-{p}"
+                record = {
+                    "identifier": identifier,
+                    "sentence": statement.text(),
+                    "label": bool(group.labels[k][p]),
+                    "left_image": f"{stem}-img0.{image_format}",
+                    "right_image": f"{stem}-img1.{image_format}",
+                }
+                yield {
+                    "__key__": identifier,
+                    f"left.{image_format}": images[p][0],
+                    f"right.{image_format}": images[p][1],
+                    "json": json.dumps(record),
+                }
+                written += 1
+
+
+def write_synthetic(
+    out: str | Path,
+    splits: dict[str, int],
+    *,
+    tasks: Sequence[str] = TASKS,
+    image_size: int = 64,
+    seed: int = 0,
+    image_format: str = "jpg",
+    shard_size: int = 1000,
+    questions_per_image: int = 3,
+    progress: bool = True,
+) -> dict[str, dict[str, int]]:
+    """Write ``splits`` (split -> number of samples) for each task; returns the counts written."""
+    unknown = [t for t in tasks if t not in TASKS] + [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown task/split {unknown}; tasks are {TASKS}, splits are {SPLITS}")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size} is too small to draw 6 shapes apart; use 32 or more")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(build_tokenizer(text_vocabulary()), out)
+    source = {"kind": "synthetic", "seed": seed, "image_size": image_size}
+    answers = None
+    if "vqa" in tasks:
+        answers = f"vqa/{ANSWERS_FILE}"
+        (out / "vqa").mkdir(exist_ok=True)
+        (out / answers).write_text(json.dumps(vqa_answer_space()) + "\n")
+    written: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        for split, n in splits.items():
+            if n <= 0:
+                continue
+            if task == "vqa":
+                samples = vqa_samples(seed, split, n, image_size, image_format=image_format,
+                                      questions_per_image=questions_per_image)  # fmt: skip
+            elif task == "nlvr2":
+                samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format)
+            else:
+                samples = seg_samples(seed, split, n, image_size)
+            sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": "png" if task == "seg" else image_format},
+                             answers=answers if task == "vqa" else None)  # fmt: skip
+            with sink, tqdm(total=n, desc=f"synth {task}/{split}", unit="sample", disable=not progress) as bar:
+                for sample in samples:
+                    sink.write(sample)
+                    bar.update()
+            written.setdefault(task, {})[split] = sum(sink.counts.values())
+    return written
+

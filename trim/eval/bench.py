@@ -1,0 +1,17 @@
+"""`trim bench`: wall-clock full vs trimmed.
+
+`trim bench core` times the bare prunable core; `trim bench CHECKPOINT_OR_RECIPE` times a
+model (see `trim.eval.bench_model`).
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "core":
+        from trim.eval.bench_core import main as core_main
+
+        return core_main(argv[1:])
+    from trim.eval.bench_model import main as model_main
+
+    return model_main(argv)

@@ -1,0 +1,61 @@
+"""Behaviour shared by trim's VL models: the task forward around a per-image `encode`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trim.models.config import ModelConfig
+from trim.models.output import ModelOutput
+from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer
+from trim.prune.stack import check_mode
+
+
+class TrimModel(nn.Module):
+    """A VL model whose ``forward(batch, trim=...)`` returns a `ModelOutput`.
+
+    Subclasses implement ``encode(pixels, input_ids, attention_mask, ...) -> pooled``.
+    NLVR2 batches carry two images per statement; as in ViLT and METER each image is
+    encoded with the text and the two pooled features are concatenated.
+    """
+
+    config: ModelConfig
+    head: nn.Module
+
+    def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
+               meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
+               image_index: int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False) -> ModelOutput:
+        check_mode(trim)
+        pixels, ids = batch["pixel_values"], batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        records: dict[str, list[LayerRecord]] = {}
+        if pixels.dim() == 5:  # (B, images, C, H, W): NLVR2
+            pooled, costs = [], []
+            for k in range(pixels.shape[1]):
+                meter = CostMeter()
+                recs: dict[str, list[LayerRecord]] = {}
+                pooled.append(self.encode(pixels[:, k], ids, mask, mode=trim, tau=tau, meter=meter, records=recs,
+                                          track_alive=track_alive, image_index=k))
+                costs.append(meter.ratio())
+                records.update({f"{name}/image{k}": r for name, r in recs.items()})
+            hidden, cost = torch.cat(pooled, -1), torch.stack(costs).mean(0)
+        else:
+            meter = CostMeter()
+            hidden = self.encode(pixels, ids, mask, mode=trim, tau=tau, meter=meter, records=records,
+                                 track_alive=track_alive)
+            cost = meter.ratio()
+        return ModelOutput(self.head(hidden), cost, hidden, records)
+
+    def trimmer_parameters(self):
+        """Parameters of every trimmer (the trainer gives them their own learning rate)."""
+        for module in self.modules():
+            if isinstance(module, (TokenTrimmer, HeadTrimmer)):
+                yield from module.parameters()
+
+    def backbone_parameters(self):
+        trimmer_ids = {id(p) for p in self.trimmer_parameters()}
+        return (p for p in self.parameters() if id(p) not in trimmer_ids)

@@ -1,0 +1,148 @@
+"""Model configs: plain dataclasses that round-trip through ``config.json``.
+
+A checkpoint's ``config.json`` holds a `ModelConfig`; `trim.models.load_model(dir)`
+rebuilds the model from it with no other input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trim.errors import ConfigError
+
+FAMILIES = ("dual", "vilt")
+TASKS = ("vqa", "nlvr2", "itm")
+
+
+@dataclass
+class VisionConfig:
+    """ViT / CLIP vision tower (pre-norm)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    channels: int = 3
+    width: int = 64
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    eps: float = 1e-6
+    patch_bias: bool = True  # ViT/ViLT have a bias on the patch projection, CLIP does not
+    ln_pre: bool = False  # CLIP normalises the embeddings before the first block
+    ln_post: bool = True  # a final LayerNorm over every token
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + 1
+
+
+@dataclass
+class TextConfig:
+    """BERT / RoBERTa text tower (post-norm)."""
+
+    vocab_size: int = 512
+    max_positions: int = 64
+    type_vocab_size: int = 2
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    eps: float = 1e-12
+    pad_token_id: int = 0
+    # RoBERTa numbers positions from pad_token_id + 1 and skips padding; BERT from 0.
+    roberta_positions: bool = False
+
+
+@dataclass
+class TrimConfig:
+    """Where trimmers sit. Layer indices are 0-based within each stack."""
+
+    vision_token_layers: list[int] = field(default_factory=list)
+    vision_head_layers: list[int] = field(default_factory=list)
+    text_token_layers: list[int] = field(default_factory=list)
+    text_head_layers: list[int] = field(default_factory=list)
+    cross_token_layers: list[int] = field(default_factory=list)  # both streams of these cross layers
+    cross_head_layers: list[int] = field(default_factory=list)  # self- and cross-attention heads
+    min_keep_tokens: int = 1
+    min_keep_heads: int = 1
+    hidden: int | None = None  # trimmer width (default: width / 8)
+    init_keep_logit: float = 3.0  # sigmoid(3) = 0.95: a fresh trimmer keeps (almost) everything
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dual"
+    task: str = "vqa"
+    num_labels: int = 16
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # dual-stream only: the co-attention layers and their width
+    cross_layers: int = 2
+    cross_width: int = 64
+    cross_heads: int = 4
+    # BridgeTower: uni-modal layers whose outputs feed the cross layers (empty = METER)
+    bridge_layers: list[int] = field(default_factory=list)
+    trim: TrimConfig = field(default_factory=TrimConfig)
+    # ViLT: the sequence is one stack; vision.* gives its size and patches, text.* its embeddings
+    max_images: int = 2
+
+    def validate(self) -> "ModelConfig":
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family={self.family!r}; choose one of {FAMILIES}")
+        if self.task not in TASKS:
+            raise ConfigError(f"model.task={self.task!r}; choose one of {TASKS}")
+        if self.num_labels < 1:
+            raise ConfigError(f"model.num_labels={self.num_labels} must be >= 1")
+        if self.vision.image_size % self.vision.patch_size:
+            raise ConfigError(f"model.vision.image_size={self.vision.image_size} is not a multiple of "
+                              f"model.vision.patch_size={self.vision.patch_size}")
+        depths = {"vision": self.vision.layers, "text": self.text.layers,
+                  "cross": self.cross_layers if self.family == "dual" else 0}
+        for stack, depth in depths.items():
+            for kind in ("token", "head"):
+                key = f"{stack}_{kind}_layers"
+                for i, layer in enumerate(getattr(self.trim, key)):
+                    if not 0 <= layer < depth:
+                        where = f"the {stack} stack has {depth} layers" + (f" (0..{depth - 1})" if depth else "")
+                        raise ConfigError(f"model.trim.{key}[{i}]={layer} but {where}")
+        if self.family == "vilt" and (self.trim.text_token_layers or self.trim.text_head_layers):
+            raise ConfigError("model.trim.text_*_layers: ViLT is one stack; put its trimmers in vision_*_layers")
+        if self.trim.min_keep_tokens < 1 or self.trim.min_keep_heads < 1:
+            raise ConfigError("model.trim.min_keep_tokens and min_keep_heads must be >= 1")
+        if len(self.bridge_layers) not in (0, self.cross_layers):
+            raise ConfigError(f"model.bridge_layers has {len(self.bridge_layers)} entries; give one uni-modal "
+                              f"layer per cross layer ({self.cross_layers}) or none")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> "ModelConfig":
+        return from_dict(cls, data, where).validate()
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a (nested) dataclass, rejecting unknown keys with their full dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} is not a known key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = from_dict(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {("ModelConfig", "vision"): VisionConfig, ("ModelConfig", "text"): TextConfig,
+           ("ModelConfig", "trim"): TrimConfig}

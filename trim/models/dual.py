@@ -1,0 +1,145 @@
+"""Dual-stream VL model in the METER / BridgeTower form, with SmartTrim's trimmers.
+
+text tower -> (pooled text conditions the vision tower's token trimmers) -> vision tower
+-> project both streams to the cross width, add token-type embeddings -> co-attention
+layers (each stream: self-attention, cross-attention to the other stream, MLP) with token
+and head trimmers on both streams, each conditioned on the other stream -> [CLS] poolers.
+
+BridgeTower (``bridge_layers`` set): cross layer 0 reads uni-modal layer
+``bridge_layers[0]``; cross layer j > 0 reads LayerNorm(projected uni-modal layer
+``bridge_layers[j]`` + cross layer j-1's output) — the "bridges". A token the vision tower
+pruned enters a bridge with its last value, as dense tasks get it back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trim.models.base import TrimModel
+from trim.models.config import ModelConfig
+from trim.models.heads import Pooler, make_head
+from trim.models.towers import TextTower, VisionTower, text_protect
+from trim.nn import CrossBlock, TokenSet, gather_tokens
+from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer, block_flops, start_tokens
+from trim.prune.stack import token_cost, trim_heads, trim_tokens
+
+CROSS_TRIMMERS = ("text_tokens", "image_tokens", "text_self_heads", "text_cross_heads", "image_self_heads",
+                  "image_cross_heads")
+
+
+class DualStreamModel(TrimModel):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg.validate()
+        w, t = cfg.cross_width, cfg.trim
+        self.text = TextTower(cfg.text, t)
+        self.vision = VisionTower(cfg.vision, t, text_dim=cfg.text.width)
+        self.text_transform = nn.Linear(cfg.text.width, w)
+        self.image_transform = nn.Linear(cfg.vision.width, w)
+        self.token_type_embeddings = nn.Embedding(2, w)
+        bridged = bool(cfg.bridge_layers)
+        eps = cfg.text.eps
+        # BridgeTower normalises the first cross inputs and fuses later ones with LayerNorm(a + b).
+        self.text_input_norm = nn.LayerNorm(w, eps=eps) if bridged else nn.Identity()
+        self.image_input_norm = nn.LayerNorm(w, eps=eps) if bridged else nn.Identity()
+        links = cfg.cross_layers - 1 if bridged else 0
+        self.text_links = nn.ModuleList(nn.LayerNorm(w, eps=eps) for _ in range(links))
+        self.image_links = nn.ModuleList(nn.LayerNorm(w, eps=eps) for _ in range(links))
+        self.text_layers = nn.ModuleList(
+            CrossBlock(w, cfg.cross_heads, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
+        self.image_layers = nn.ModuleList(
+            CrossBlock(w, cfg.cross_heads, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
+        self.cross_trimmers = nn.ModuleDict({name: nn.ModuleDict() for name in CROSS_TRIMMERS})
+        for i in t.cross_token_layers:
+            for name in ("text_tokens", "image_tokens"):
+                self.cross_trimmers[name][str(i)] = TokenTrimmer(w, w, hidden=t.hidden, min_keep=t.min_keep_tokens,
+                                                                 init_logit=t.init_keep_logit)
+        for i in t.cross_head_layers:
+            for name in CROSS_TRIMMERS[2:]:
+                self.cross_trimmers[name][str(i)] = HeadTrimmer(w, cfg.cross_heads, w, hidden=t.hidden,
+                                                                min_keep=t.min_keep_heads, init_logit=t.init_keep_logit)
+        self.text_pooler, self.image_pooler = Pooler(w), Pooler(w)
+        self.head = make_head(cfg.task, 2 * w, cfg.num_labels, 2 * w)
+
+    def _trimmer(self, name: str, layer: int) -> TokenTrimmer | HeadTrimmer | None:
+        group = self.cross_trimmers[name]
+        return group[str(layer)] if str(layer) in group else None
+
+    def _bridge(self, uni: TokenSet, stream: TokenSet, image: bool) -> Tensor:
+        """A uni-modal layer's output at the cross stream's tokens, projected to the cross width."""
+        x = uni.restore()
+        if stream.physical:
+            x = gather_tokens(x, stream.index)
+        if image:
+            return self.image_transform(self.vision.ln_post(x)) + self.token_type_embeddings.weight[1]
+        return self.text_transform(x) + self.token_type_embeddings.weight[0]
+
+    def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
+               meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
+               image_index: int = 0) -> Tensor:
+        cfg = self.config
+        bridged = bool(cfg.bridge_layers)
+        text_outs: list[TokenSet] | None = [] if bridged else None
+        image_outs: list[TokenSet] | None = [] if bridged else None
+        t = start_tokens(self.text.embeddings(input_ids), mode, valid=attention_mask.bool(),
+                         protect=text_protect(attention_mask))
+        t = self.text.stack(t, mode=mode, tau=tau, meter=meter, records=records.setdefault("text", []),
+                            outputs=text_outs)
+        x, protect = self.vision.embed_tokens(pixels)
+        v = self.vision.stack(start_tokens(x, mode, protect=protect), mode=mode, other=t.mean(), tau=tau, meter=meter,
+                              records=records.setdefault("vision", []), track_alive=track_alive, outputs=image_outs)
+        if bridged:
+            t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
+            t = t0.with_x(self.text_input_norm(self._bridge(t0, t0, image=False)))
+            v = v0.with_x(self.image_input_norm(self._bridge(v0, v0, image=True)))
+        else:
+            t = t.with_x(self.text_transform(t.x) + self.token_type_embeddings.weight[0])
+            v = v.with_x(self.image_transform(self.vision.ln_post(v.x)) + self.token_type_embeddings.weight[1])
+        t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
+                           text_outs=text_outs, image_outs=image_outs)
+        return self.pooled(t.x, v.x)
+
+    def pooled(self, text: Tensor, image: Tensor) -> Tensor:
+        """[CLS] of each stream through its pooler, concatenated (text first, as METER)."""
+        return torch.cat([self.text_pooler(text), self.image_pooler(image)], -1)
+
+    def _cross(self, t: TokenSet, v: TokenSet, *, mode: str, tau: float, meter: CostMeter,
+               records: dict[str, list[LayerRecord]], track_alive: bool, text_outs: list[TokenSet] | None,
+               image_outs: list[TokenSet] | None) -> tuple[TokenSet, TokenSet]:
+        cfg = self.config
+        b = t.x.shape[0]
+        full_t, full_v = t.kept_counts().detach(), v.kept_counts().detach()
+        rec_t, rec_v = records.setdefault("cross_text", []), records.setdefault("cross_image", [])
+        for j, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers)):
+            if j > 0 and cfg.bridge_layers:
+                uni = cfg.bridge_layers[j]
+                t = t.with_x(self.text_links[j - 1](self._bridge(text_outs[uni], t, image=False) + t.x))
+                v = v.with_x(self.image_links[j - 1](self._bridge(image_outs[uni], v, image=True) + v.x))
+            # Both streams decide from the previous layer's outputs, each seeing the other's summary.
+            t_pool, v_pool = t.mean(), v.mean()
+            ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, other=v_pool)
+            vs = trim_tokens(self._trimmer("image_tokens", j), v, mode, tau=tau, other=t_pool)
+            t, v = ts.tokens, vs.tokens
+            t_pool, v_pool = t.mean(), v.mean()
+            h = cfg.cross_heads
+            th = trim_heads(self._trimmer("text_self_heads", j), h, t_pool, mode, tau=tau, other=v_pool)
+            tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool)
+            ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
+            ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
+            new_t = text_layer(t.x, v.x, keep=t.keep, context_keep=v.keep, head_mask=th.mask, heads=th.heads,
+                               cross_head_mask=tc.mask, cross_heads=tc.heads)
+            new_v = image_layer(v.x, t.x, keep=v.keep, context_keep=t.keep, head_mask=ih.mask, heads=ih.heads,
+                                cross_head_mask=ic.mask, cross_heads=ic.heads)
+            n_t, n_v = token_cost(t, ts), token_cost(v, vs)
+            meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads)
+                      + ts.overhead + th.overhead + tc.overhead,
+                      block_flops(text_layer, full_t, context_n=full_v), b, t.x.device)
+            meter.add(block_flops(image_layer, n_v, ih.cost_heads, context_n=n_t, cross_heads=ic.cost_heads)
+                      + vs.overhead + ih.overhead + ic.overhead,
+                      block_flops(image_layer, full_v, context_n=full_t), b, t.x.device)
+            rec_t.append(LayerRecord(t.kept_counts().detach(), (th.kept + tc.kept).detach() / 2))
+            rec_v.append(LayerRecord(v.kept_counts().detach(), (ih.kept + ic.kept).detach() / 2,
+                                     v.alive_positions() if track_alive else None))
+            t, v = t.with_x(new_t), v.with_x(new_v)
+        return t, v

@@ -1,0 +1,17 @@
+"""What every trim model returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from trim.prune import LayerRecord
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, num_labels)
+    cost_ratio: Tensor  # (B,) FLOPs vs the untrimmed model; expected (differentiable) with trim="train"
+    hidden: Tensor  # (B, D) pooled features fed to the head (cosine distillation reads them)
+    records: dict[str, list[LayerRecord]] = field(default_factory=dict)  # stream -> per-layer kept counts
