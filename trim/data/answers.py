@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 # Punctuation the official evaluation strips or turns into a space.
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-_PERIOD_NOT_IN_NUMBER = re.compile(r"(?<!\d)\.(?!\d)")
+# Like the official evaluation: a period is dropped unless a digit follows ("2." -> "2", "2.5" stays).
+_PERIOD_NOT_IN_NUMBER = re.compile(r"\.(?!\d)")
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",

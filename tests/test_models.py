@@ -1,0 +1,102 @@
+"""The VL models end to end: invariant 1 through whole models, identity at start, save/load."""
+
+import pytest
+import torch
+
+from trim.errors import ConfigError
+from trim.models import ModelConfig, TrimConfig, create_model, from_pretrained, load_model, save_model
+from trim.prune import HeadTrimmer, TokenTrimmer
+
+TRIM = {
+    "dual": TrimConfig(vision_token_layers=[1, 2], vision_head_layers=[1], text_head_layers=[1],
+                       cross_token_layers=[0, 1], cross_head_layers=[0, 1], min_keep_tokens=2),
+    "vilt": TrimConfig(vision_token_layers=[1, 2], vision_head_layers=[0, 2], min_keep_tokens=2),
+}
+
+
+def make(family: str, task: str) -> torch.nn.Module:
+    cfg = ModelConfig(family=family, task=task, num_labels=7 if task == "vqa" else 2, trim=TRIM[family])
+    cfg.vision.layers = 3
+    return create_model(cfg).eval()
+
+
+def batch(task: str, b: int = 4) -> dict:
+    ids = torch.randint(5, 500, (b, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[3, 8:] = 0, 0
+    ids[mask == 0] = 0
+    shape = (b, 2, 3, 64, 64) if task == "nlvr2" else (b, 3, 64, 64)
+    return {"pixel_values": torch.randn(shape), "input_ids": ids, "attention_mask": mask}
+
+
+def randomise_trimmers(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (TokenTrimmer, HeadTrimmer)):
+            torch.nn.init.normal_(m.out.weight, std=2.0)
+            torch.nn.init.zeros_(m.out.bias)
+
+
+CASES = [(f, t) for f in ("dual", "vilt") for t in ("vqa", "nlvr2")]
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_fresh_trimmers_keep_everything(family, task):
+    model, data = make(family, task), batch(task)
+    with torch.no_grad():
+        off, ev = model(data, trim="off"), model(data, trim="eval")
+    torch.testing.assert_close(ev.logits, off.logits, atol=1e-5, rtol=1e-5)
+    for name, layers in ev.records.items():
+        for rec, ref in zip(layers, off.records[name]):
+            torch.testing.assert_close(rec.tokens, ref.tokens)
+            torch.testing.assert_close(rec.heads, ref.heads)
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_masked_equals_physical_through_the_whole_model(family, task):
+    model, data = make(family, task), batch(task)
+    randomise_trimmers(model)
+    with torch.no_grad():
+        masked, ev = model(data, trim="masked", track_alive=True), model(data, trim="eval", track_alive=True)
+    torch.testing.assert_close(ev.logits, masked.logits, atol=1e-5, rtol=1e-5)
+    vision = "vilt" if family == "vilt" else "vision"
+    keys = [k for k in ev.records if k.startswith(vision)]
+    kept = torch.stack([r.tokens for r in ev.records[keys[0]]])
+    assert (kept[-1] < kept[0]).all(), "randomised trimmers should prune"
+    assert len(set(kept[-1].tolist())) > 1, "samples should keep different numbers of tokens"
+    for k in keys:
+        for a, b in zip(masked.records[k], ev.records[k]):
+            torch.testing.assert_close(a.alive, b.alive)
+    assert (ev.cost_ratio < 1).all()
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_training_mode_sends_gradients_to_trimmers_and_backbone(family, task):
+    model, data = make(family, task), batch(task)
+    model.train()
+    out = model(data, trim="train", tau=0.5)
+    (out.logits.square().mean() + (out.cost_ratio.mean() - 0.5) ** 2).backward()
+    trimmer_grads = [p.grad for p in model.trimmer_parameters()]
+    assert trimmer_grads and all(g is not None for g in trimmer_grads)
+    assert sum(float(g.abs().sum()) for g in trimmer_grads) > 0
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert out.cost_ratio.requires_grad
+
+
+@pytest.mark.parametrize("family", ["dual", "vilt"])
+def test_save_load_roundtrip(tmp_path, family):
+    model, data = make(family, "vqa"), batch("vqa")
+    randomise_trimmers(model)
+    save_model(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    for loaded in (load_model(tmp_path / "ckpt"), from_pretrained(str(tmp_path / "ckpt"))):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(data, trim="eval").logits, model(data, trim="eval").logits)
+
+
+def test_config_rejects_impossible_layers():
+    cfg = ModelConfig(trim=TrimConfig(vision_token_layers=[14]))
+    cfg.vision.layers = 12
+    with pytest.raises(ConfigError, match=r"model.trim.vision_token_layers\[0\]=14 but the vision stack has 12 layers \(0..11\)"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match="model.vision.widht is not a known key"):
+        ModelConfig.from_dict({"vision": {"widht": 3}})
