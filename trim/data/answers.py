@@ -16,6 +16,7 @@ annotators, rounded to these steps).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +44,7 @@ SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
 DEFAULT_MIN_ANSWER_COUNT = 9
 
 
+@functools.lru_cache(maxsize=1 << 16)  # answers repeat a lot; this runs 10x per question in the loader
 def normalize_answer(answer: str) -> str:
     """The VQA evaluation's answer normalisation ("Two." -> "2", "the Dog" -> "dog")."""
     text = answer.replace("\n", " ").replace("\t", " ").strip().lower()

@@ -155,7 +155,8 @@ def write_synthetic(
                 samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format)
             else:
                 samples = seg_samples(seed, split, n, image_size)
-            sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": "png" if task == "seg" else image_format},
+            fmt = "png" if task == "seg" else image_format
+            sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": fmt},
                              answers=answers if task == "vqa" else None)  # fmt: skip
             with sink, tqdm(total=n, desc=f"synth {task}/{split}", unit="sample", disable=not progress) as bar:
                 for sample in samples:

@@ -108,9 +108,11 @@ def update_manifest(
 class ShardSink:
     """``wds.ShardWriter`` for one task/split that remembers how many samples each shard got.
 
-    Shards are byte-reproducible (fixed mtime and owner) so the same generator and seed
-    give identical files. Old shards of the same split are removed first: a rewrite with
-    fewer shards must not leave stale ones that a glob or an old url would still read.
+    Shards are byte-reproducible (fixed mtime and owner), so the same generator and seed
+    give identical files. The mtime is an int: a float one makes tarfile add a PAX header
+    to every member, which doubles the headers a reader has to parse. Old shards of the
+    same split are removed first: a rewrite with fewer shards must not leave stale ones
+    that a glob or an old url would still read.
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class ShardSink:
     def write(self, sample: dict[str, Any]) -> None:
         if self._writer is None:  # opened lazily: an empty split writes no empty shard
             self._writer = wds.ShardWriter(
-                shard_pattern(self.root, self.task, self.split), maxcount=self.maxcount, verbose=0, mtime=0.0
+                shard_pattern(self.root, self.task, self.split), maxcount=self.maxcount, verbose=0, mtime=0
             )
         self._writer.write(sample)
         name = os.path.basename(self._writer.fname)

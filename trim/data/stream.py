@@ -58,7 +58,7 @@ _STATS_KEY = "_skips"
 
 
 class SkipStats:
-    """Totals of the samples a loader delivered and skipped (by reason) and shards cut short."""
+    """Running totals: samples decoded, samples skipped by reason, shard reads that ended early."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -90,7 +90,6 @@ class _StreamCounters:
 
     def __init__(self) -> None:
         self.reset()
-        self._bad_shards: set[str] = set()
 
     def reset(self) -> None:
         self.samples, self.skipped, self.shard_errors = 0, Counter(), 0
@@ -100,10 +99,7 @@ class _StreamCounters:
         log.warning("skipped sample %r in shard %s: %s (%s)", key, url, reason, detail)
 
     def shard_error(self, url: str, exn: BaseException) -> None:
-        # webdataset may report one failure twice (inner and outer handler): count it once.
-        if url not in self._bad_shards:
-            self._bad_shards.add(url)
-            self.shard_errors += 1
+        self.shard_errors += 1
         log.warning("shard %s is cut short or unreadable (%s: %s); its remaining samples are lost",
                     url, type(exn).__name__, exn.args[0] if exn.args else "")  # fmt: skip
 
@@ -122,8 +118,14 @@ class _ShardErrorHandler:
         self.counters = counters
 
     def __call__(self, exn: BaseException) -> bool:
+        # tar_file_expander appends (stream, url) to the error's args. The same failure is
+        # first seen by tar_file_iterator, which only knows the file object: that call is
+        # left to the expander's, which names the shard.
         urls = [a for a in exn.args[1:] if isinstance(a, str)]
-        self.counters.shard_error(urls[-1] if urls else "<unknown shard>", exn)
+        if urls:
+            self.counters.shard_error(urls[-1], exn)
+        else:
+            log.debug("tar read error (reported again with its shard): %s", exn)
         return True  # go on with the next shard
 
 
@@ -158,7 +160,7 @@ class _WorkerSeed:
         return self.rank * 1000 + _worker_info()[0]
 
 
-def _group_samples(files: Iterator[dict], counters: _StreamCounters) -> Iterator[dict]:
+def _group_samples(files: Iterator[dict]) -> Iterator[dict]:
     current: dict | None = None
     for item in files:
         if not item:  # {}: tar_file_expander's marker for a shard that ended cleanly
@@ -256,7 +258,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
                         "check the path or write the shards with `trim data synth` / a converter")  # fmt: skip
     for path in local:
         if not _tar_has_members(path):
-            raise DataError(f"shard {path} holds no samples (empty or not a tar file); rewrite it or leave it out of the urls")
+            raise DataError(f"shard {path} holds no samples (empty or not a tar file); "
+                            "rewrite it or leave it out of the urls")  # fmt: skip
     return shards
 
 
@@ -367,6 +370,8 @@ def build_loader(
     resampled: bool = True,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> ShardLoader:
     """Batches of one task from webdataset shards; see docs/data.md for the batch keys.
 
@@ -374,6 +379,8 @@ def build_loader(
     exactly once over all ranks and workers; ``mode="train"`` streams shuffled samples,
     ``epoch_samples`` per epoch over all ranks (default: the manifest's count).
     ``tokenizer``: a ``PreTrainedTokenizerFast`` or a path for ``load_tokenizer``.
+    ``rank``/``world_size`` override ``dist_info()`` (e.g. ``0``/``1`` for every rank to read
+    the same stream and slice its batches itself).
     """
     if task not in TASKS:
         raise ConfigError(f"task={task!r}; choose one of {TASKS}")
@@ -384,7 +391,11 @@ def build_loader(
     if mode == "eval" and epoch_samples is not None:
         raise ConfigError("epoch_samples sizes a training epoch; an eval loader reads each sample once, so leave it None")
     shards = expand_urls(urls)
-    rank, world = dist_info()
+    if (rank is None) != (world_size is None):
+        raise ConfigError(f"rank={rank}, world_size={world_size}: give both or neither (neither = dist_info())")
+    rank, world = (rank, world_size) if rank is not None else dist_info()
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank={rank} is outside world_size={world}")
     workers = max(1, num_workers)
 
     if task != "seg":
@@ -414,7 +425,7 @@ def build_loader(
     stages += [
         partial(url_opener, handler=_open_failed),
         partial(tar_file_expander, handler=_ShardErrorHandler(counters), eof_value={}),
-        partial(_group_samples, counters=counters),
+        _group_samples,
     ]
     if mode == "train" and shuffle_buffer > 1:
         shuffle = _Shuffle(shuffle_buffer, seed, rank)

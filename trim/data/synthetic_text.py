@@ -126,7 +126,8 @@ def _q_spatial(rng, scene: Scene) -> Question | None:
         if pa and pb and abs(a.x - b.x) > max(a.r, b.r):
             side = _choice(rng, ["left", "right"])
             truth = a.x < b.x if side == "left" else a.x > b.x
-            return Question(f"is the {pa} {side} of the {pb}?", "yes" if truth else "no", "is the", "yes/no", (int(i), int(j)))
+            answer = "yes" if truth else "no"
+            return Question(f"is the {pa} {side} of the {pb}?", answer, "is the", "yes/no", (int(i), int(j)))
     return None
 
 

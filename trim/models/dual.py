@@ -91,11 +91,11 @@ class DualStreamModel(TrimModel):
                               records=records.setdefault("vision", []), track_alive=track_alive, outputs=image_outs)
         if bridged:
             t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
-            t = t0.with_x(self.text_input_norm(self._bridge(t0, t0, image=False)))
-            v = v0.with_x(self.image_input_norm(self._bridge(v0, v0, image=True)))
+            t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, image=False)))
+            v = v0.project(lambda _: self.image_input_norm(self._bridge(v0, v0, image=True)))
         else:
-            t = t.with_x(self.text_transform(t.x) + self.token_type_embeddings.weight[0])
-            v = v.with_x(self.image_transform(self.vision.ln_post(v.x)) + self.token_type_embeddings.weight[1])
+            t = t.project(lambda x: self.text_transform(x) + self.token_type_embeddings.weight[0])
+            v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self.token_type_embeddings.weight[1])
         t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
                            text_outs=text_outs, image_outs=image_outs)
         return self.pooled(t.x, v.x)
@@ -127,9 +127,9 @@ class DualStreamModel(TrimModel):
             tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool)
             ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
             ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
-            new_t = text_layer(t.x, v.x, keep=t.keep, context_keep=v.keep, head_mask=th.mask, heads=th.heads,
+            new_t = text_layer(t.x, v.x, keep=t.block_keep, context_keep=v.block_keep, head_mask=th.mask, heads=th.heads,
                                cross_head_mask=tc.mask, cross_heads=tc.heads)
-            new_v = image_layer(v.x, t.x, keep=v.keep, context_keep=t.keep, head_mask=ih.mask, heads=ih.heads,
+            new_v = image_layer(v.x, t.x, keep=v.block_keep, context_keep=t.block_keep, head_mask=ih.mask, heads=ih.heads,
                                 cross_head_mask=ic.mask, cross_heads=ic.heads)
             n_t, n_v = token_cost(t, ts), token_cost(v, vs)
             meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads)

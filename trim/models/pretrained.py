@@ -4,7 +4,8 @@
 * a transformers checkpoint — a local directory or a hub name, resolved through the same
   ``from_pretrained`` call transformers itself uses (offline it needs the local copy) —
   whose ``model_type`` has a converter in ``trim.models.convert``;
-* ``open_clip:<model name>`` (+ ``pretrained=`` tag or state-dict path) for CLIP towers.
+* ``open_clip:<model name>`` (+ ``pretrained=`` tag or state-dict path) for CLIP towers,
+  returned as `trim.models.convert.open_clip.ClipTowers` (image and text towers, no task head).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trim.errors import CheckpointError
-from trim.models.base import TrimModel
+from torch import nn
+
 from trim.models.io import CONFIG_NAME, load_model
 
 
-def from_pretrained(name_or_dir: str | os.PathLike, **kwargs: Any) -> TrimModel:
+def from_pretrained(name_or_dir: str | os.PathLike, **kwargs: Any) -> nn.Module:
     path = Path(name_or_dir)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         config = json.loads((path / CONFIG_NAME).read_text())

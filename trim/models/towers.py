@@ -76,9 +76,11 @@ class TextEmbeddings(nn.Module):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        if input_ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds text.max_positions="
-                             f"{self.cfg.max_positions}; truncate it in the data loader (max_text_len)")
+        # RoBERTa numbers positions from pad_token_id + 1, so it has that many fewer.
+        usable = self.cfg.max_positions - (self.cfg.pad_token_id + 1 if self.cfg.roberta_positions else 0)
+        if input_ids.shape[1] > usable:
+            raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the {usable} positions of this text "
+                             f"tower; truncate it in the data loader (max_text_len)")
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = (self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
              + self.token_type_embeddings(types))

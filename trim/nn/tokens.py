@@ -49,6 +49,9 @@ class TokenSet:
     index: Tensor | None = None  # (B, N) original positions (physical only)
     archive: Tensor | None = None  # (B, N0 + 1, D) last values of every token (physical only)
     segment: Tensor | None = None  # (B, N) modality id of each token (single-stream models)
+    # False when every carried token is alive: blocks then need no key mask and no gate, which
+    # lets attention take its fastest path (batch size 1 at inference is always gap-free).
+    has_gaps: bool = True
 
     @classmethod
     def start(cls, x: Tensor, *, valid: Tensor | None = None, protect: Tensor | None = None,
@@ -61,11 +64,13 @@ class TokenSet:
         b, n, _ = x.shape
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
         protect = torch.zeros_like(valid) if protect is None else protect.bool()
+        gaps = not bool(valid.all())
         if not physical:
-            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment)
+            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment,
+                       has_gaps=soft or gaps)
         tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
-                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment)
-        return tokens if bool(valid.all()) else tokens.prune(valid)
+                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment, has_gaps=False)
+        return tokens.prune(valid) if gaps else tokens
 
     @property
     def physical(self) -> bool:
@@ -73,6 +78,20 @@ class TokenSet:
 
     def with_x(self, x: Tensor) -> "TokenSet":
         return replace(self, x=x)
+
+    def project(self, fn) -> "TokenSet":
+        """Map the carried tokens into a new space (e.g. a cross-modal width).
+
+        Dropped tokens' parked values stay behind in the old space, so ``restore()`` is not
+        available afterwards; pooled (classification) streams never need it, and projecting
+        every dropped token would spend compute the pruning just saved.
+        """
+        return replace(self, x=fn(self.x), archive=None)
+
+    @property
+    def block_keep(self) -> Tensor | None:
+        """The ``keep`` argument for blocks: None when no carried token is dead or padding."""
+        return self.keep if self.has_gaps else None
 
     def kept_counts(self) -> Tensor:
         """Alive tokens per sample (B,), as float so expected costs stay differentiable."""
@@ -91,7 +110,7 @@ class TokenSet:
         """(B, N0) bool: which original positions are still alive (for kept-token plots)."""
         if not self.physical:
             return self.keep.bool()
-        n0 = self.archive.shape[1] - 1
+        n0 = int(self.index.max()) + 1 if self.archive is None else self.archive.shape[1] - 1
         alive = torch.zeros(self.x.shape[0], n0 + 1, dtype=torch.bool, device=self.x.device)
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, n0))
         return alive.scatter(1, slot, True)[:, :-1]
@@ -100,20 +119,29 @@ class TokenSet:
         """Drop tokens whose ``decision`` is 0/False. Protected tokens are always kept."""
         if not self.physical:
             decision = torch.where(self.protect, torch.ones_like(decision), decision.to(self.keep.dtype))
-            return replace(self, keep=self.keep * decision if self.keep.is_floating_point() else self.keep & decision.bool())
+            if self.keep.is_floating_point():
+                return replace(self, keep=self.keep * decision)
+            keep = self.keep & decision.bool()
+            return replace(self, keep=keep, has_gaps=not bool(keep.all()))
         keep = self.keep & (decision.bool() | self.protect)
-        # Park every carried token's current value; padded slots write to the spare last row.
-        slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
-        archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
+        archive = None
+        if self.archive is not None:
+            # Park every carried token's current value; padded slots write to the spare last row.
+            slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
+            archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
         pos, valid = compact(keep)
         segment = None if self.segment is None else self.segment.gather(1, pos)
         return TokenSet(gather_tokens(self.x, pos), valid, self.protect.gather(1, pos) & valid,
-                        index=self.index.gather(1, pos), archive=archive, segment=segment)
+                        index=self.index.gather(1, pos), archive=archive, segment=segment,
+                        has_gaps=not bool(valid.all()))
 
     def restore(self) -> Tensor:
         """All original positions (B, N0, D): carried tokens' values, dropped tokens' last values."""
         if not self.physical:
             return self.x
+        if self.archive is None:
+            raise RuntimeError("this TokenSet was projected (TokenSet.project), so its dropped tokens cannot be "
+                               "restored; restore before projecting")
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
         full = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
         return full[:, :-1]

@@ -155,7 +155,7 @@ class TrimmedStack(nn.Module):
                               pooled, mode, tau=tau, other=other_now)
             kept = tokens.kept_counts()
             n_cost = token_cost(tokens, tok)
-            tokens = tokens.with_x(block(tokens.x, keep=tokens.keep, head_mask=head.mask, heads=head.heads))
+            tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads))
             if meter is not None:
                 meter.add(block_flops(block, n_cost, head.cost_heads) + tok.overhead + head.overhead,
                           block_flops(block, full_tokens), b, tokens.x.device)

@@ -65,7 +65,8 @@ def convert_nlvr2(
             continue
         try:
             row = json.loads(line)
-            row["identifier"], row["sentence"], row["label"] = str(row["identifier"]), str(row["sentence"]), _label(row.get("label"))
+            row["identifier"], row["sentence"] = str(row["identifier"]), str(row["sentence"])
+            row["label"] = _label(row.get("label"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exn:
             summary.skip("line not in the NLVR2 schema", f"{annotations.name}:{line_no} ({type(exn).__name__}: {exn})")
             continue

@@ -120,7 +120,8 @@ def convert_coco(
     summary = Summary(f"coco {split}")
     source = {"kind": "coco", "instances": str(instances)}
     with ShardSink(out, "seg", split, maxcount=shard_size, source=source) as sink:
-        for info in tqdm(sorted(data["images"], key=lambda i: i["id"]), desc=f"coco {split}", unit="image", disable=not progress):
+        images_by_id = sorted(data["images"], key=lambda i: i["id"])
+        for info in tqdm(images_by_id, desc=f"coco {split}", unit="image", disable=not progress):
             anns = [a for a in per_image.get(info["id"], []) if keep_crowd or not a.get("iscrowd")]
             if not anns:
                 summary.skip("no annotations", info["file_name"])
@@ -136,10 +137,16 @@ def convert_coco(
             h, w = int(info["height"]), int(info["width"])
             try:
                 converted = [
-                    {"id": a["id"], "segmentation": coco_to_rle(a["segmentation"], h, w), "bbox": [float(v) for v in a["bbox"]],
-                     "area": float(a["area"]), "category_id": a.get("category_id"), "iscrowd": int(a.get("iscrowd", 0))}
+                    {
+                        "id": a["id"],
+                        "segmentation": coco_to_rle(a["segmentation"], h, w),
+                        "bbox": [float(v) for v in a["bbox"]],
+                        "area": float(a["area"]),
+                        "category_id": a.get("category_id"),
+                        "iscrowd": int(a.get("iscrowd", 0)),
+                    }
                     for a in anns
-                ]  # fmt: skip
+                ]
             except (KeyError, TypeError, ValueError, IndexError) as exn:
                 summary.skip("annotation not in the COCO schema", f"{info['file_name']} ({type(exn).__name__}: {exn})")
                 continue

@@ -23,7 +23,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from trim.data.answers import DEFAULT_MIN_ANSWER_COUNT, build_answer_vocab
-from trim.data.convert.common import Summary, ensure_tokenizer, image_extension, index_images, load_json, read_checked_image, trailing_number
+from trim.data.convert.common import (
+    Summary,
+    ensure_tokenizer,
+    image_extension,
+    index_images,
+    load_json,
+    read_checked_image,
+    trailing_number,
+)
 from trim.data.shards import ANSWERS_FILE, ShardSink
 from trim.errors import DataError
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from trim.errors import CheckpointError
-from trim.models.base import TrimModel
 
 
-def convert_pretrained(name: str, **kwargs: Any) -> TrimModel:
-    """Dispatch on the source: ``open_clip:...`` or a transformers checkpoint's model_type."""
+def convert_pretrained(name: str, **kwargs: Any) -> nn.Module:
+    """Dispatch on the source: ``open_clip:...`` (-> `ClipTowers`, CLIP has no task head) or a
+    transformers checkpoint's model_type (-> a `TrimModel`)."""
     if name.startswith("open_clip:"):
         from trim.models.convert.open_clip import convert_open_clip
 

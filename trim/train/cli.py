@@ -1,0 +1,53 @@
+"""``trim train RECIPE.yaml [key.sub=value ...]``: check a recipe, then train it.
+
+    trim train recipes/shapes_vqa_dual_tiny_full.yaml
+    trim train recipes/shapes_vqa_dual_tiny_smarttrim.yaml objective.target=0.33 name=st_033
+    trim train RECIPE.yaml train.resume=latest             # continue after a crash / preemption
+    trim train RECIPE.yaml --check                          # validate and print the resolved recipe
+
+Launchers (see docs/training.md and launch/): torchrun, ``accelerate launch -m trim.train``,
+``deepspeed --module trim.train`` (its ``--local_rank`` argument is accepted) and srun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trim.errors import TrimError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trim train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe (recipes/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 objective.target=0.33")
+    p.add_argument("--check", action="store_true", help="only validate; print the resolved recipe and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from trim.config import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except TrimError as err:
+        print(f"trim train: {type(err).__module__}.{type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(recipe.to_yaml(), end="")
+        return 0
+    from trim.train.trainer import train
+
+    try:
+        summary = train(recipe)
+    except TrimError as err:
+        print(f"trim train: {type(err).__module__}.{type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    final = summary.get("final_eval") or {}
+    if final and summary.get("is_main"):
+        print(f"{recipe.name}: step {summary['steps']}, val accuracy {final['accuracy']:.4f}, "
+              f"cost ratio {final['cost_ratio']:.4f}, wall {summary['wall_time_s']:.1f}s")
+    return 0

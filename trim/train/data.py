@@ -1,0 +1,176 @@
+"""Feeding the trainer: resumable training streams and rank slicing.
+
+Data position. ``trim.data.build_loader(mode="train")`` is deterministic given
+``(seed, epoch)``: an epoch has a fixed number of batches and its shard draws and shuffle
+buffer are seeded from the seed and the epoch number. The trainer therefore records the
+position as ``(epoch, batches taken in that epoch)``; on resume it sets the epoch and
+skips that many batches (they are read and decoded, then dropped), which gives exactly the
+batches the uninterrupted run would have seen next. Skipping costs reading time, at most
+one epoch's worth.
+
+Ranks (``data.rank_split``):
+
+* ``batch`` (default): every rank reads the same stream of *global* batches
+  (``batch_size x processes``) and keeps its contiguous slice. N processes see exactly the
+  batches one process with the global batch sees; each rank decodes every sample.
+* ``shards``: each rank reads its own share of the shards (webdataset's node split /
+  per-rank resampling) with the per-rank batch size. Scales; the batches differ from a
+  one-process run, so loss curves agree only statistically.
+
+Periodic evaluation always reads the val split in ``batch`` layout (every rank walks the
+same batches, evaluates its slice, and the sums are all-reduced), so every rank runs the
+same number of forward passes, which ZeRO-3 needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trim.config import DataConfig
+
+
+def slice_batch(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of every tensor and list in a batch dict."""
+    out = {}
+    for k, v in batch.items():
+        out[k] = v[start:stop] if isinstance(v, (torch.Tensor, list, tuple)) else v
+    return out
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    return int(batch["pixel_values"].shape[0])
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous, as-even-as-possible share of ``n`` rows for ``rank``."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class TrainStream:
+    """An endless, resumable stream of per-rank training batches over epochs of a loader."""
+
+    def __init__(self, make_loader: Callable[[], Any], *, rank: int, world: int, per_rank: int, split: str,
+                 epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        self.make_loader = make_loader
+        self.rank, self.world, self.per_rank, self.split = rank, world, per_rank, split
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.loader = None
+        self._it: Iterator | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._it = None
+
+    def _start_epoch(self) -> None:
+        if self.loader is None:
+            self.loader = self.make_loader()
+        self.loader.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        for _ in range(self.batch_in_epoch):  # resume mid-epoch: drop the batches already used
+            next(self._it)
+
+    def start(self) -> None:
+        """Open the current epoch now (before RNG state is restored: opening a loader draws a seed)."""
+        if self._it is None:
+            self._start_epoch()
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self._start_epoch()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.batch_in_epoch, self._it = self.epoch + 1, 0, None
+                continue
+            self.batch_in_epoch += 1
+            if self.split == "batch" and self.world > 1:
+                start, stop = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+                batch = slice_batch(batch, start, stop)
+            return batch
+        raise RuntimeError("the training loader produced an empty epoch; check data.train and data.epoch_samples")
+
+
+@contextlib.contextmanager
+def single_reader():
+    """Make ``build_loader`` plan for one reader (rank 0 of 1), for the ``batch`` layout.
+
+    trim.data decides the rank split from torch.distributed when the loader is built; the
+    batch layout needs every rank to read the whole stream. If ``build_loader`` accepts
+    ``rank``/``world_size`` they are passed instead (see `loader_kwargs`).
+    """
+    from trim.data import stream
+
+    original = stream.dist_info
+    stream.dist_info = lambda: (0, 1)
+    try:
+        yield
+    finally:
+        stream.dist_info = original
+
+
+def _accepts(func: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_loaders(cfg: DataConfig, *, seed: int, rank: int, world: int) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+    """Factories for the train loader and the (optional) val loader of a recipe's data section."""
+    from trim.data import build_loader, load_tokenizer, split_urls
+
+    root = Path(cfg.root) if cfg.root else None
+    train_urls = cfg.train or split_urls(root, cfg.task, "train")
+    val_urls = cfg.val
+    if val_urls is None and root is not None:
+        manifest_split = _has_split(root, cfg.task, cfg.val_split)
+        val_urls = split_urls(root, cfg.task, cfg.val_split) if manifest_split else None
+    tokenizer_path = cfg.tokenizer or (str(root) if root is not None else None)
+    if tokenizer_path is None:
+        raise FileNotFoundError("data.tokenizer is unset and there is no data.root to find tokenizer.json in")
+    tokenizer = load_tokenizer(tokenizer_path, model_max_length=max(512, cfg.max_text_len))
+    answers = cfg.answers
+    if answers is None and root is not None and cfg.task == "vqa" and (root / "vqa" / "answers.json").is_file():
+        answers = str(root / "vqa" / "answers.json")
+    common = dict(tokenizer=tokenizer, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
+                  answer_vocab=answers if cfg.task == "vqa" else None)
+    batch_layout = cfg.rank_split == "batch"
+
+    def make(urls: str, mode: str, batch_size: int, single: bool, **extra: Any) -> Any:
+        kwargs = dict(common, batch_size=batch_size, mode=mode, num_workers=cfg.num_workers, seed=seed, **extra)
+        if single and _accepts(build_loader, "world_size"):
+            return build_loader(urls, cfg.task, rank=0, world_size=1, **kwargs)
+        with single_reader() if single else contextlib.nullcontext():
+            return build_loader(urls, cfg.task, **kwargs)
+
+    def train_loader() -> Any:
+        global_batch = cfg.batch_size * (world if batch_layout else 1)
+        epoch_samples = cfg.epoch_samples
+        return make(train_urls, "train", global_batch, batch_layout, shuffle_buffer=cfg.shuffle_buffer,
+                    epoch_samples=epoch_samples, resampled=cfg.resampled)
+
+    def val_loader() -> Any:
+        return make(val_urls, "eval", cfg.eval_batch_size * world, True)
+
+    return train_loader, (val_loader if val_urls else None)
+
+
+def _has_split(root: Path, task: str, split: str) -> bool:
+    from trim.data import read_manifest
+
+    return split in read_manifest(root).get("tasks", {}).get(task, {})

@@ -1,0 +1,206 @@
+"""Training objectives: what one micro-batch's loss is, method by method.
+
+SmartTrim (``method: smarttrim``)::
+
+    loss = task_weight  * task(student logits, labels)
+         + lambda_cost  * (mean_batch(expected cost ratio) - target(step))^2
+         + distill.weight * D(student logits, teacher logits; temperature)
+         + hidden_cosine  * (1 - cos(student pooled, teacher pooled))
+
+* the student runs with ``trim="train"``: Gumbel-sigmoid decisions at temperature
+  ``tau(step)`` (annealed ``tau_start -> tau_end``) with straight-through gradients, and a
+  differentiable expected cost ratio (trimmed / full FLOPs) per sample;
+* the teacher is the same weights with ``trim="off"`` under ``no_grad`` (self-distillation);
+  D is KL of softened distributions for single-label heads (NLVR2) and BCE toward the
+  teacher's sigmoid for multi-label heads (VQA);
+* ``target(step)`` follows the curriculum: 1.0 for ``curriculum.warmup`` steps, then down
+  to ``objective.target`` over ``curriculum.steps`` steps;
+* the cost term penalises the *batch mean*, so inputs may differ (easy ones trim more) as
+  long as the batch meets the budget. Under data parallelism the mean is taken over the
+  global batch (a differentiable all-reduce), so N processes train exactly what one
+  process with the global batch would.
+
+Plain fine-tuning (``method: none``): ``task_weight * task`` with trimming off; the
+trimmers (if any) are frozen.
+
+Task losses follow ViLT / METER: VQA = BCE-with-logits on the soft scores, mean over
+answers times the number of answers; NLVR2 / ITM = cross-entropy.
+
+Later methods register themselves in ``METHODS`` with ``@register("name")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trim.prune.curriculum import Curriculum
+from trim.prune.distill import bce_sigmoid, hidden_cosine, kl_logits
+from trim.prune.gumbel import TemperatureSchedule
+
+METHODS: dict[str, type[Objective]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
+    """ViLT / METER task losses (mean over the batch)."""
+    if task == "vqa":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def distill_kind(kind: str, task: str) -> str:
+    if kind != "auto":
+        return kind
+    return "bce" if task == "vqa" else "kl"
+
+
+@dataclass
+class StepResult:
+    """The loss to backpropagate and the detached numbers to log."""
+
+    loss: Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+    output: Any = None
+
+
+def identity_mean(x: Tensor) -> Tensor:
+    return x
+
+
+def kept_counts(records: dict[str, list]) -> dict[str, float]:
+    """Mean kept tokens / heads per stream over layers and samples (NLVR2's two images merged)."""
+    tokens: dict[str, list[Tensor]] = {}
+    heads: dict[str, list[Tensor]] = {}
+    for stream, layers in records.items():
+        base = stream.split("/image")[0]
+        for rec in layers:
+            tokens.setdefault(base, []).append(rec.tokens.float().mean())
+            heads.setdefault(base, []).append(rec.heads.float().mean())
+    out = {}
+    for base, values in tokens.items():
+        out[f"kept_tokens/{base}"] = float(torch.stack(values).mean())
+        out[f"kept_heads/{base}"] = float(torch.stack(heads[base]).mean())
+    return out
+
+
+class Objective:
+    """Base: plain task loss with trimming off. Subclasses add terms and schedules."""
+
+    name = "base"
+    trains_trimmers = False
+    needs_teacher = False
+
+    def __init__(self, cfg: Any, *, task: str) -> None:
+        self.cfg = cfg
+        self.task = task
+
+    # schedules -------------------------------------------------------------
+    def target(self, step: int) -> float:
+        return 1.0
+
+    def tau(self, step: int) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def set_step(self, step: int) -> None:
+        """Schedules read ``step`` = optimizer steps completed before the current one."""
+
+    # the loss ---------------------------------------------------------------
+    def __call__(self, model: Callable, batch: dict, step: int, *, teacher: Callable | None = None,
+                 global_mean: Callable[[Tensor], Tensor] = identity_mean) -> StepResult:
+        raise NotImplementedError
+
+    def eval_trim(self) -> str:
+        return "off"
+
+
+@register("none")
+class PlainFineTuning(Objective):
+    def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
+        out = model(batch, trim="off")
+        task = task_loss(out.logits, batch["labels"], self.task)
+        loss = self.cfg.task_weight * task
+        return StepResult(loss, {"loss": float(loss.detach()), "loss/task": float(task.detach()),
+                                 "cost_ratio": float(out.cost_ratio.detach().float().mean())}, out)
+
+
+@register("smarttrim")
+class SmartTrim(Objective):
+    trains_trimmers = True
+
+    def __init__(self, cfg: Any, *, task: str) -> None:
+        super().__init__(cfg, task=task)
+        c, g = cfg.curriculum, cfg.gumbel
+        self.curriculum = Curriculum(final=cfg.target, steps=c.steps, warmup=c.warmup, shape=c.shape)
+        self.temperature = TemperatureSchedule(start=g.tau_start, end=g.tau_end, steps=g.steps)
+        self.distill = {"kl": kl_logits, "bce": bce_sigmoid}[distill_kind(cfg.distill.kind, task)]
+        self.needs_teacher = cfg.distill.weight > 0 or cfg.hidden_cosine > 0
+
+    def target(self, step: int) -> float:
+        return self.curriculum.target(step)
+
+    def tau(self, step: int) -> float:
+        return self.temperature(step)
+
+    def set_step(self, step: int) -> None:
+        self.curriculum.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "curriculum" in state:
+            self.curriculum.load_state_dict(state["curriculum"])
+
+    def eval_trim(self) -> str:
+        return self.cfg.eval_trim
+
+    def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
+        cfg = self.cfg
+        target, tau = self.target(step), self.tau(step)
+        out = model(batch, trim="train", tau=tau)
+        task = task_loss(out.logits, batch["labels"], self.task)
+        ratio = global_mean(out.cost_ratio.float().mean())
+        cost = (ratio - target) ** 2
+        loss = cfg.task_weight * task + cfg.lambda_cost * cost
+        terms = {"loss/task": float(task.detach()), "loss/cost": float(cost.detach()),
+                 "cost_ratio": float(ratio.detach()), "target": target, "tau": tau}
+        if self.needs_teacher:
+            if teacher is None:
+                raise RuntimeError("SmartTrim distillation needs the teacher pass (trim='off'); pass teacher=")
+            with torch.no_grad():
+                ref = teacher(batch)
+            if cfg.distill.weight > 0:
+                d = self.distill(out.logits.float(), ref.logits.float(), cfg.distill.temperature)
+                loss = loss + cfg.distill.weight * d
+                terms["loss/distill"] = float(d.detach())
+            if cfg.hidden_cosine > 0:
+                h = hidden_cosine(out.hidden.float(), ref.hidden.float())
+                loss = loss + cfg.hidden_cosine * h
+                terms["loss/hidden"] = float(h.detach())
+        terms["loss"] = float(loss.detach())
+        terms.update(kept_counts(out.records))
+        return StepResult(loss, terms, out)
+
+
+def build_objective(cfg: Any, task: str) -> Objective:
+    return METHODS[cfg.method](cfg, task=task)
