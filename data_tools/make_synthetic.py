@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Same as `trim data synth ...` (see trim/data/cli.py); run with --help for the options."""
+
+import sys
+
+from trim.data.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["synth", *sys.argv[1:]]))
