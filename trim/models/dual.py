@@ -47,9 +47,9 @@ class DualStreamModel(TrimModel):
         self.text_links = nn.ModuleList(nn.LayerNorm(w, eps=eps) for _ in range(links))
         self.image_links = nn.ModuleList(nn.LayerNorm(w, eps=eps) for _ in range(links))
         self.text_layers = nn.ModuleList(
-            CrossBlock(w, cfg.cross_heads, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
+            CrossBlock(w, cfg.cross_heads, cfg.text.mlp_ratio, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
         self.image_layers = nn.ModuleList(
-            CrossBlock(w, cfg.cross_heads, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
+            CrossBlock(w, cfg.cross_heads, cfg.text.mlp_ratio, context_dim=w, act=cfg.text.act, eps=eps) for _ in range(cfg.cross_layers))
         self.cross_trimmers = nn.ModuleDict({name: nn.ModuleDict() for name in CROSS_TRIMMERS})
         for i in t.cross_token_layers:
             for name in ("text_tokens", "image_tokens"):
