@@ -1,0 +1,192 @@
+"""`trim eval` / `trim eval report` end to end on a tiny randomly trimmed model and synthetic shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trim.eval.cli import main as eval_main
+
+N_VAL, SHARD_SIZE = 24, 6  # 4 shards: two ranks read different ones
+SPEED = ["--warmup", "1", "--repeats", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The box is small and shared: more threads than free cores makes OpenMP spin-wait.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from trim.data.cli import main as data_main
+
+    root = tmp_path_factory.mktemp("shards")
+    assert data_main(["synth", "--out", str(root), "--train", "0", "--val", str(N_VAL), "--test", "0",
+                      "--image-size", "32", "--tasks", "vqa,nlvr2", "--shard-size", str(SHARD_SIZE),
+                      "--quiet"]) == 0
+    return root
+
+
+def _checkpoint(root: Path, out: Path, task: str) -> Path:
+    from trim.data import load_tokenizer
+    from trim.models import ModelConfig, TextConfig, TrimConfig, VisionConfig, create_model, save_model
+    from trim.prune import TokenTrimmer
+
+    answers = json.loads((root / "vqa" / "answers.json").read_text())
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(
+        family="dual", task=task, num_labels=len(answers) if task == "vqa" else 2,
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        text=TextConfig(vocab_size=len(load_tokenizer(root)), width=32, layers=1, heads=2),
+        cross_layers=1, cross_width=32, cross_heads=2, trim=TrimConfig(vision_token_layers=[1])))
+    for module in model.modules():
+        if isinstance(module, TokenTrimmer):  # random decisions instead of "keep all"
+            torch.nn.init.normal_(module.out.weight, std=2.0)
+    return save_model(model, out)
+
+
+@pytest.fixture(scope="module")
+def vqa_ckpt(data, tmp_path_factory) -> Path:
+    return _checkpoint(data, tmp_path_factory.mktemp("ckpt") / "vqa_tiny", "vqa")
+
+
+@pytest.fixture(scope="module")
+def vqa_single(vqa_ckpt, data, tmp_path_factory) -> Path:
+    """`trim eval` in one process; returns the eval JSON."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("eval1")
+    assert eval_main([str(vqa_ckpt), "--task", "vqa", "--data", str(data), "--batch-size", "5", "--out", str(out),
+                      "--figures", "2", "--quiet", *SPEED]) == 0
+    return out / "eval" / "vqa.json"
+
+
+def test_vqa_json_has_every_field(vqa_single, data):
+    result = json.loads(vqa_single.read_text())
+    out_dir = vqa_single.parent
+    assert result["format"] == "trim-eval/1" and result["task"] == "vqa" and result["split"] == "val"
+    assert result["samples"] == result["manifest_samples"] == N_VAL and result["complete"]
+    assert result["processes"] == 1 and result["duplicates_dropped"] == 0
+    m = result["metrics"]
+    assert {"overall", "perAnswerType", "perQuestionType", "n"} <= set(m) and m["n"] == N_VAL
+    assert 0.0 <= m["overall"] <= 100.0 and result["accuracy"] == m["overall"]
+    cost = result["cost_ratio"]
+    assert {"mean", "median", "std", "min", "max", "histogram", "note"} <= set(cost)
+    assert sum(cost["histogram"]["counts"]) == N_VAL
+    assert len(cost["histogram"]["edges"]) == len(cost["histogram"]["counts"]) + 1
+    assert cost["min"] <= cost["mean"] <= cost["max"]
+    # per stream and layer; the randomised trimmer on vision layer 1 drops patches
+    kept = result["kept"]
+    assert set(kept) == {"text", "vision", "cross_text", "cross_image"}
+    vision = {row["layer"]: row for row in kept["vision"]}
+    assert vision[0]["tokens"] == 17.0 and not vision[0]["token_trimmer"]
+    assert vision[1]["token_trimmer"] and 1.0 <= vision[1]["tokens"] < 17.0
+    assert all(row["heads"] == 2.0 for rows in kept.values() for row in rows)
+    speed = result["speed"]
+    assert "time_interleaved" in speed["method"] and "median" in speed["method"]
+    assert speed["repeats"] == 2 and speed["warmup"] == 1
+    thr, lat = speed["throughput"], speed["latency"]
+    assert thr["batch_size"] == 5 and lat["batch_size"] == 1
+    assert thr["trimmed_samples_per_s"] > 0 and thr["full_samples_per_s"] > 0 and thr["speedup"] > 0
+    assert lat["trimmed_ms"] > 0 and lat["full_ms"] > 0 and lat["speedup"] > 0
+    assert len(thr["seconds"]["trimmed"]) == len(thr["seconds"]["full"]) == 2
+    assert result["speedup"] == thr["speedup"]
+    # EvalAI export: every question once, answers from the vocabulary
+    rows = json.loads((out_dir / result["exports"]["predictions"]).read_text())
+    vocab = set(json.loads((data / "vqa" / "answers.json").read_text()))
+    assert len({r["question_id"] for r in rows}) == N_VAL and all(r["answer"] in vocab for r in rows)
+    # figures
+    assert (out_dir / "vqa_cost_histogram.png").is_file()
+    overlays = sorted(out_dir.glob("vqa_kept_tokens_*.png"))
+    assert len(overlays) == 2 and all(f.stat().st_size > 1000 for f in overlays)
+    assert set(result["figures"]) == {p.name for p in out_dir.glob("*.png")}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(vqa_single, vqa_ckpt, data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "trim.cli", "eval", str(vqa_ckpt),
+           "--task", "vqa", "--data", str(data), "--batch-size", "5", "--out", str(tmp_path), "--figures", "1",
+           "--quiet", *SPEED]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "VQA accuracy" in proc.stdout and proc.stdout.count("VQA accuracy") == 1  # rank 0 prints
+    one, two = json.loads(vqa_single.read_text()), json.loads((tmp_path / "eval" / "vqa.json").read_text())
+    assert two["processes"] == 2 and two["complete"] and two["duplicates_dropped"] == 0
+    assert two["reading"]["samples"] == N_VAL  # summed over ranks: nothing read twice
+    assert two["metrics"] == one["metrics"]
+    ids = [{r["question_id"]: r["answer"] for r in json.loads((d / "vqa_predictions_evalai.json").read_text())}
+           for d in (vqa_single.parent, tmp_path / "eval")]
+    assert ids[0] == ids[1] and len(ids[0]) == N_VAL
+
+
+def test_nlvr2(data, tmp_path):
+    ckpt = _checkpoint(data, tmp_path / "nlvr2_tiny", "nlvr2")
+    assert eval_main([str(ckpt), "--task", "nlvr2", "--data", str(data), "--batch-size", "8", "--figures", "1",
+                      "--quiet", *SPEED]) == 0
+    out_dir = ckpt / "eval"  # default: beside the checkpoint
+    result = json.loads((out_dir / "nlvr2.json").read_text())
+    m = result["metrics"]
+    assert m["n"] == N_VAL and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["consistency"] <= m["accuracy"] + 1e-9
+    assert result["accuracy"] == pytest.approx(100 * m["accuracy"])
+    assert any(stream.endswith("/image1") for stream in result["kept"])
+    with open(out_dir / result["exports"]["predictions"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == N_VAL and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)
+    assert (out_dir / "nlvr2_cost_histogram.png").is_file()
+    assert len(list(out_dir.glob("nlvr2_kept_tokens_*_image0.png"))) == 1
+    assert len(list(out_dir.glob("nlvr2_kept_tokens_*_image1.png"))) == 1
+
+
+def test_report(vqa_single, tmp_path, capsys):
+    second = tmp_path / "other" / "eval" / "vqa.json"
+    second.parent.mkdir(parents=True)
+    result = json.loads(vqa_single.read_text())
+    result["name"], result["accuracy"], result["speed"]["throughput"]["speedup"] = "faster", 1.0, 9.0
+    second.write_text(json.dumps(result))
+    assert eval_main(["report", str(vqa_single), str(second), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "pareto_vqa.png").is_file()
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| faster |" in table and "| vqa_tiny |" in table and "9.00" in table
+    points = {p["name"]: p for p in json.loads((tmp_path / "report" / "report.json").read_text())["points"]}
+    # "faster" is the fastest point; the original stays on the front only by being more accurate
+    original = json.loads(vqa_single.read_text())["accuracy"]
+    assert points["faster"]["pareto"] and points["vqa_tiny"]["pareto"] == (original > 1.0)
+    assert "| faster |" in capsys.readouterr().out
+
+
+def test_seg_fails_clearly(vqa_ckpt, data, capsys):
+    assert eval_main([str(vqa_ckpt), "--task", "seg", "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "no SAM-style prompted segmentation model" in err and "--task vqa" in err
+
+
+def test_wrong_task_and_lost_samples_fail(vqa_ckpt, data, tmp_path, capsys):
+    assert eval_main([str(vqa_ckpt), "--task", "nlvr2", "--data", str(data)]) == 1
+    assert "is a vqa model" in capsys.readouterr().err
+    # A shard cut short loses samples: the manifest check refuses to report partial metrics.
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    shard = broken / "vqa" / "val-000002.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert eval_main([str(vqa_ckpt), "--task", "vqa", "--data", str(broken), "--out", str(tmp_path / "o"),
+                      "--quiet", "--no-speed"]) == 1
+    err = capsys.readouterr().err
+    assert "EvalError" in err and f"records {N_VAL}" in err
+    assert not (tmp_path / "o" / "eval" / "vqa.json").exists()
