@@ -66,3 +66,35 @@ def test_stack_cost_ratio_matches_counter():
     full = counted(lambda: stack(start_tokens(x, "off"), mode="off"))
     assert float(meter.ratio()[0]) == pytest.approx(trimmed / full, rel=0.02)
     assert float(meter.ratio()[0]) < 0.7
+
+
+@pytest.mark.parametrize("family", ["dual", "vilt"])
+def test_model_cost_ratio_matches_counter(family):
+    """Invariant 4 for whole models: the meter's ratio equals counted FLOPs of the prunable
+    parts (stacks, cross layers, trimmers), with towers and cross layers pruned together."""
+    from trim.models import ModelConfig, TrimConfig, VisionConfig, create_model
+
+    trim = (TrimConfig(vision_token_layers=[1, 2], cross_token_layers=[0, 1], cross_head_layers=[1])
+            if family == "dual" else TrimConfig(vision_token_layers=[1, 2], vision_head_layers=[2]))
+    model = create_model(ModelConfig(family=family, vision=VisionConfig(layers=3), trim=trim)).eval()
+    for m in model.modules():
+        if isinstance(m, TokenTrimmer):
+            m.forced_ratio = 0.5
+        if isinstance(m, HeadTrimmer):
+            m.forced_heads = 2
+    ids = torch.randint(5, 500, (1, 12))
+    batch = {"pixel_values": torch.randn(1, 3, 64, 64), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prunable = ("stack", "text_layers", "image_layers", "cross_trimmers")
+
+    def count(mode):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, depth=8) as c, torch.no_grad():
+            out = model(batch, trim=mode)
+        per_module = {k: sum(v.values()) for k, v in c.get_flop_counts().items()}
+        inside = [k for k in per_module if set(k.split(".")) & set(prunable)]
+        outermost = [k for k in inside if not any(k.startswith(o + ".") for o in inside if o != k)]
+        return sum(per_module[k] for k in outermost), out
+
+    full, _ = count("off")
+    trimmed, out = count("eval")
+    assert float(out.cost_ratio[0]) == pytest.approx(trimmed / full, rel=0.02)
+    assert float(out.cost_ratio[0]) < 0.8

@@ -97,7 +97,7 @@ class DualStreamModel(TrimModel):
             t = t.project(lambda x: self.text_transform(x) + self.token_type_embeddings.weight[0])
             v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self.token_type_embeddings.weight[1])
         t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
-                           text_outs=text_outs, image_outs=image_outs)
+                           text_outs=text_outs, image_outs=image_outs, full_text=attention_mask.sum(1))
         return self.pooled(t.x, v.x)
 
     def pooled(self, text: Tensor, image: Tensor) -> Tensor:
@@ -106,10 +106,13 @@ class DualStreamModel(TrimModel):
 
     def _cross(self, t: TokenSet, v: TokenSet, *, mode: str, tau: float, meter: CostMeter,
                records: dict[str, list[LayerRecord]], track_alive: bool, text_outs: list[TokenSet] | None,
-               image_outs: list[TokenSet] | None) -> tuple[TokenSet, TokenSet]:
+               image_outs: list[TokenSet] | None, full_text: Tensor) -> tuple[TokenSet, TokenSet]:
         cfg = self.config
         b = t.x.shape[0]
-        full_t, full_v = t.kept_counts().detach(), v.kept_counts().detach()
+        # The untrimmed reference: every valid text token and every image token, not what the
+        # towers' trimmers left (that would hide the towers' savings from the cross layers).
+        full_t = full_text.to(t.x.dtype)
+        full_v = float(cfg.vision.num_tokens)
         rec_t, rec_v = records.setdefault("cross_text", []), records.setdefault("cross_image", [])
         for j, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers)):
             if j > 0 and cfg.bridge_layers:
