@@ -105,6 +105,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     lr: float = 1e-4
     trimmer_lr: float | None = None  # learning rate of the trimmers (default: lr)
+    # learning-rate multipliers by parameter-name prefix, e.g. {head.: 50, text_layers.: 5} (METER)
+    lr_mult: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -130,6 +132,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if self.trimmer_lr is not None and self.trimmer_lr <= 0:
             raise ConfigError(f"train.trimmer_lr={self.trimmer_lr} must be > 0 (or null to use train.lr)")
+        for prefix, mult in self.lr_mult.items():
+            if mult <= 0:
+                raise ConfigError(f"train.lr_mult.{prefix}={mult} must be > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -365,6 +370,11 @@ def _resolve(recipe: Recipe) -> None:
     if cfg.vision.image_size != data.image_size:
         raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}; "
                           "set both to the same size")
+    if cfg.family == "vilt" and cfg.text.width != cfg.vision.width:
+        raise ConfigError(f"model.text.width={cfg.text.width} but model.vision.width={cfg.vision.width}: ViLT is one "
+                          "stream, its text embeddings must have the stack's width")
+    if cfg.family == "vilt" and cfg.task == "nlvr2" and cfg.max_images < 2:
+        raise ConfigError(f"model.max_images={cfg.max_images}: ViLT for NLVR2 embeds two images; set it to 2")
     if data.eval_batch_size is None:
         data.eval_batch_size = 2 * data.batch_size
     if obj.curriculum.steps is None:
@@ -381,9 +391,26 @@ def _resolve(recipe: Recipe) -> None:
         raise ConfigError("objective.distill.kind=kl: VQA heads are multi-label (sigmoid); use bce or auto")
     if obj.distill.kind == "bce" and cfg.task != "vqa":
         raise ConfigError(f"objective.distill.kind=bce: {cfg.task} heads are single-label (softmax); use kl or auto")
+    if train.lr_mult:
+        names = _parameter_names(cfg)
+        for prefix in train.lr_mult:
+            if not any(n.startswith(prefix) for n in names):
+                top = sorted({n.split(".")[0] + "." for n in names})
+                raise ConfigError(f"train.lr_mult: prefix {prefix!r} matches no parameter of this model; top-level "
+                                  f"modules: {', '.join(top)}")
     if train.deepspeed is not None and not Path(train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed={train.deepspeed!r} does not exist; use a JSON file such as "
                           "launch/deepspeed/zero2.json, or null for DDP")
+
+
+def _parameter_names(cfg: Any) -> list[str]:
+    """Parameter names of the model a config builds, without allocating it (meta device)."""
+    import torch
+
+    from trim.models import create_model
+
+    with torch.device("meta"):
+        return [name for name, _ in create_model(cfg).named_parameters()]
 
 
 def _has_trimmers(cfg: Any) -> bool:

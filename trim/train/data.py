@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,44 +131,86 @@ def _accepts(func: Callable, name: str) -> bool:
         return False
 
 
-def build_loaders(cfg: DataConfig, *, seed: int, rank: int, world: int) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
-    """Factories for the train loader and the (optional) val loader of a recipe's data section."""
-    from trim.data import build_loader, load_tokenizer, split_urls
+class DataSources:
+    """A recipe's data section resolved to shard urls, tokenizer and answer vocabulary.
 
-    root = Path(cfg.root) if cfg.root else None
-    train_urls = cfg.train or split_urls(root, cfg.task, "train")
-    val_urls = cfg.val
-    if val_urls is None and root is not None:
-        manifest_split = _has_split(root, cfg.task, cfg.val_split)
-        val_urls = split_urls(root, cfg.task, cfg.val_split) if manifest_split else None
-    tokenizer_path = cfg.tokenizer or (str(root) if root is not None else None)
-    if tokenizer_path is None:
-        raise FileNotFoundError("data.tokenizer is unset and there is no data.root to find tokenizer.json in")
-    tokenizer = load_tokenizer(tokenizer_path, model_max_length=max(512, cfg.max_text_len))
-    answers = cfg.answers
-    if answers is None and root is not None and cfg.task == "vqa" and (root / "vqa" / "answers.json").is_file():
-        answers = str(root / "vqa" / "answers.json")
-    common = dict(tokenizer=tokenizer, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
-                  answer_vocab=answers if cfg.task == "vqa" else None)
-    batch_layout = cfg.rank_split == "batch"
+    Resolving reads only metadata (manifest, tokenizer.json, answers.json), so it runs
+    before the model is built, and `check` can compare it with the model config.
+    """
 
-    def make(urls: str, mode: str, batch_size: int, single: bool, **extra: Any) -> Any:
-        kwargs = dict(common, batch_size=batch_size, mode=mode, num_workers=cfg.num_workers, seed=seed, **extra)
-        if single and _accepts(build_loader, "world_size"):
-            return build_loader(urls, cfg.task, rank=0, world_size=1, **kwargs)
-        with single_reader() if single else contextlib.nullcontext():
-            return build_loader(urls, cfg.task, **kwargs)
+    def __init__(self, cfg: DataConfig) -> None:
+        from trim.data import load_tokenizer, split_urls
+        from trim.errors import ConfigError, DataError
 
-    def train_loader() -> Any:
-        global_batch = cfg.batch_size * (world if batch_layout else 1)
-        epoch_samples = cfg.epoch_samples
-        return make(train_urls, "train", global_batch, batch_layout, shuffle_buffer=cfg.shuffle_buffer,
-                    epoch_samples=epoch_samples, resampled=cfg.resampled)
+        self.cfg = cfg
+        root = Path(cfg.root) if cfg.root else None
+        try:
+            self.train_urls = cfg.train or split_urls(root, cfg.task, "train")
+            self.val_urls = cfg.val
+            if self.val_urls is None and root is not None and _has_split(root, cfg.task, cfg.val_split):
+                self.val_urls = split_urls(root, cfg.task, cfg.val_split)
+        except DataError as err:
+            raise ConfigError(f"data.root={cfg.root!r}: {err}") from err
+        tokenizer_path = cfg.tokenizer or (str(root) if root is not None else None)
+        if tokenizer_path is None:
+            raise ConfigError("data.tokenizer is unset and there is no data.root to find tokenizer.json in")
+        try:
+            self.tokenizer = load_tokenizer(tokenizer_path, model_max_length=max(512, cfg.max_text_len))
+        except DataError as err:
+            raise ConfigError(f"data.tokenizer: {err}") from err
+        self.answers: list[str] | None = None
+        if cfg.task == "vqa":
+            answers = cfg.answers
+            if answers is None:
+                first = self.train_urls.split("::")[0]
+                candidates = [Path(first).parent / "answers.json"]
+                if root is not None:
+                    candidates.insert(0, root / "vqa" / "answers.json")
+                answers = next((str(c) for c in candidates if c.is_file()), None)
+            if answers is None or not Path(answers).is_file():
+                raise ConfigError(f"data.answers={answers!r}: VQA needs its answer vocabulary (answers.json, written "
+                                  "beside the shards); set data.answers to its path")
+            self.answers = json.loads(Path(answers).read_text())
 
-    def val_loader() -> Any:
-        return make(val_urls, "eval", cfg.eval_batch_size * world, True)
+    def check(self, model_cfg: Any) -> None:
+        """The model must fit the data: vocabulary, answer count."""
+        from trim.errors import ConfigError
 
-    return train_loader, (val_loader if val_urls else None)
+        vocab = len(self.tokenizer)
+        if model_cfg.text.vocab_size < vocab:
+            raise ConfigError(f"model.text.vocab_size={model_cfg.text.vocab_size} but the tokenizer has {vocab} tokens; "
+                              f"set model.text.vocab_size >= {vocab}")
+        if self.answers is not None and model_cfg.num_labels != len(self.answers):
+            raise ConfigError(f"model.num_labels={model_cfg.num_labels} but the VQA answer vocabulary has "
+                              f"{len(self.answers)} answers; set model.num_labels={len(self.answers)}")
+        if model_cfg.task == "nlvr2" and model_cfg.num_labels != 2:
+            raise ConfigError(f"model.num_labels={model_cfg.num_labels}: NLVR2 is true/false, set it to 2")
+
+    def factories(self, *, seed: int, world: int) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+        """Factories for the train loader and the (optional) val loader."""
+        from trim.data import build_loader
+
+        cfg = self.cfg
+        common = dict(tokenizer=self.tokenizer, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
+                      answer_vocab=self.answers)
+        batch_layout = cfg.rank_split == "batch"
+
+        def make(urls: str, mode: str, batch_size: int, single: bool, **extra: Any) -> Any:
+            kwargs = dict(common, batch_size=batch_size, mode=mode, num_workers=cfg.num_workers, seed=seed, **extra)
+            if single and _accepts(build_loader, "world_size"):
+                return build_loader(urls, cfg.task, rank=0, world_size=1, **kwargs)
+            with single_reader() if single else contextlib.nullcontext():
+                return build_loader(urls, cfg.task, **kwargs)
+
+        def train_loader() -> Any:
+            global_batch = cfg.batch_size * (world if batch_layout else 1)
+            return make(self.train_urls, "train", global_batch, batch_layout, shuffle_buffer=cfg.shuffle_buffer,
+                        epoch_samples=cfg.epoch_samples, resampled=cfg.resampled)
+
+        def val_loader() -> Any:
+            return make(self.val_urls, "eval", cfg.eval_batch_size * world, True)
+
+        return train_loader, (val_loader if self.val_urls else None)
 
 
 def _has_split(root: Path, task: str, split: str) -> bool:

@@ -149,6 +149,10 @@ def make_accelerator(*, precision: str, grad_accum: int, deepspeed_config: dict 
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not cuda and deepspeed_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError("train.deepspeed: ZeRO stage 3 does not run on DeepSpeed's CPU accelerator (0.19's ZeRO-3 "
+                          "optimizer step calls CUDA-only record_stream on the gradients); on a machine without "
+                          "CUDA use launch/deepspeed/zero2.json")
     if not cuda:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         _skip_deepspeed_shm_kernel()

@@ -26,7 +26,7 @@ import torch
 from trim.config import Recipe, resolve_checkpoint
 from trim.errors import CheckpointError, ConfigError
 from trim.train.checkpoint import CheckpointIO, fault_point, latest_checkpoint, list_checkpoints, load_weights_into
-from trim.train.data import TrainStream, batch_size_of, build_loaders, rank_slice, slice_batch
+from trim.train.data import DataSources, TrainStream, batch_size_of, rank_slice, slice_batch
 from trim.train.distributed import (apply_launcher_env, global_mean, load_deepspeed_config, make_accelerator,
                                     world_size_from_env)
 from trim.train.objectives import Objective, build_objective, kept_counts
@@ -51,21 +51,53 @@ def trimmer_prefixes(model: torch.nn.Module) -> list[str]:
     return [name + "." for name, m in model.named_modules() if isinstance(m, (TokenTrimmer, HeadTrimmer))]
 
 
-def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: backbone / trimmers x decay / no decay (biases, norms, embeddings' 1-d params)."""
+def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight_decay: float,
+                 lr_mult: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: backbone / trimmers x decay / no decay (biases, norms: 1-d tensors) x lr multiplier.
+
+    ``lr_mult`` maps parameter-name prefixes to multipliers of ``lr`` (the longest matching
+    prefix wins; trimmers always use ``trimmer_lr``). A prefix that matches nothing is an error.
+    """
+    lr_mult = dict(lr_mult or {})
+    used = dict.fromkeys(lr_mult, False)
     trimmer_ids = {id(p) for p in model.trimmer_parameters()} if hasattr(model, "trimmer_parameters") else set()
-    groups: dict[tuple[bool, bool], list] = {(t, d): [] for t in (False, True) for d in (True, False)}
-    for _, p in model.named_parameters():
+    groups: dict[tuple[bool, bool, float], list] = {}
+    for name, p in model.named_parameters():
+        prefix = max((k for k in lr_mult if name.startswith(k)), key=len, default=None)
+        if prefix is not None:
+            used[prefix] = True
         if not p.requires_grad:
             continue
-        groups[(id(p) in trimmer_ids, p.ndim >= 2)].append(p)
+        is_trimmer = id(p) in trimmer_ids
+        mult = 1.0 if is_trimmer or prefix is None else lr_mult[prefix]
+        groups.setdefault((is_trimmer, p.ndim >= 2, mult), []).append(p)
+    unused = [k for k, hit in used.items() if not hit]
+    if unused:
+        top = sorted({n.split(".")[0] + "." for n, _ in model.named_parameters()})
+        raise ConfigError(f"train.lr_mult: prefix {unused[0]!r} matches no parameter; top-level modules: {', '.join(top)}")
     out = []
-    for (is_trimmer, decay), params in groups.items():
-        if params:
-            base = trimmer_lr if is_trimmer else lr
-            out.append({"params": params, "lr": base, "base_lr": base, "weight_decay": weight_decay if decay else 0.0,
-                        "name": ("trimmer" if is_trimmer else "backbone") + ("" if decay else "_no_decay")})
+    for (is_trimmer, decay, mult), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1], kv[0][2])):
+        base = trimmer_lr if is_trimmer else lr * mult
+        name = ("trimmer" if is_trimmer else "backbone") + ("" if decay else "_no_decay") + (f"_x{mult:g}" if mult != 1 else "")
+        out.append({"params": params, "lr": base, "base_lr": base, "weight_decay": weight_decay if decay else 0.0,
+                    "name": name})
     return out
+
+
+def mark_zero3_leaves(model: torch.nn.Module) -> None:
+    """Let ZeRO-3 gather the model's parameters once per forward/backward instead of module by module.
+
+    ZeRO-3 fetches a module's partitioned parameters in hooks around that module's forward
+    and re-fetches them for backward through hooks on its tensor inputs and outputs. trim's
+    stacks pass `TokenSet`s between modules and the models read some parameters directly
+    (e.g. ``token_type_embeddings.weight[1]``), which those hooks do not see. Marking the
+    whole model a ZeRO-3 "leaf" gathers all its parameters for the forward and backward of a
+    step and partitions them again afterwards: parameters, gradients and optimizer states
+    stay sharded between steps, peak memory holds the full 16-bit weights once.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [type(model)])
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -161,35 +193,46 @@ class Trainer:
 
     # -- the model ------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        from trim.models import create_model, from_pretrained
+        from trim.models import create_model
 
         sec = self.recipe.model
+        if sec.pretrained:
+            return self._from_pretrained(sec.pretrained, sec.config)
         model = create_model(sec.config)
         if sec.init_from:
             prefixes = trimmer_prefixes(model)
             new = {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
             added = load_weights_into(model, Path(sec.init_from), allow_missing=new)
             log.info("initialised from %s (%d new trimmer tensors)", sec.init_from, len(added))
-        elif sec.pretrained:
-            source = from_pretrained(sec.pretrained)
-            self._load_pretrained(model, source.state_dict(), sec.pretrained)
         return model
 
     @staticmethod
-    def _load_pretrained(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-        """Backbone weights from a converted model; new trimmers and a new task head may stay fresh."""
-        own = model.state_dict()
-        prefixes = trimmer_prefixes(model)
-        fresh_ok = lambda k: any(k.startswith(p) for p in prefixes) or k.startswith("head.")  # noqa: E731
-        take = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in take and not fresh_ok(k)]
-        if missing:
-            raise CheckpointError(f"model.pretrained={source!r} lacks (or has other shapes for) {missing[:5]}; "
-                                  "the recipe's model fields must describe the same architecture")
-        model.load_state_dict(take, strict=False)
-        skipped = sorted(set(weights) - set(take))
-        if skipped:
-            log.info("model.pretrained: %d source tensors not used (%s ...)", len(skipped), ", ".join(skipped[:3]))
+    def _from_pretrained(source: str, cfg: Any) -> torch.nn.Module:
+        """Convert ``source`` for the recipe's task and trimmers; its architecture must be the recipe's."""
+        import dataclasses
+
+        from trim.models import create_model, from_pretrained
+
+        kwargs = {"task": cfg.task, "num_labels": cfg.num_labels, "trim": dataclasses.asdict(cfg.trim)}
+        try:  # converters that can resize the image grid take the recipe's image size
+            model = from_pretrained(source, image_size=cfg.vision.image_size, **kwargs)
+        except TypeError:
+            model = from_pretrained(source, **kwargs)
+        got = dataclasses.asdict(model.config)
+        diff = first_difference(got, dataclasses.asdict(cfg))
+        if diff is None:
+            return model
+        arch = {k: v for k, v in got.items() if k not in ("trim", "task", "num_labels")}
+        want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("trim", "task", "num_labels")}
+        arch_diff = first_difference(arch, want)
+        if arch_diff:
+            raise ConfigError(f"model.pretrained={source!r} converts to a different architecture than the recipe "
+                              f"describes (model.{arch_diff.replace(': ', ': converted ', 1).replace(' vs ', ', recipe ')}); "
+                              "make the recipe's model fields match the source")
+        # Same backbone, other head or trimmers (e.g. a trim directory): rebuild and copy what fits.
+        fresh = create_model(cfg)
+        Trainer._load_pretrained(fresh, model.state_dict(), source)
+        return fresh
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -199,6 +242,8 @@ class Trainer:
         resume_dir = self.plan_resume()
         if resume_dir is not None:
             self.check_compatible(resume_dir)
+        sources = DataSources(r.data)  # metadata only: shard lists, tokenizer, answers
+        sources.check(r.model.config)
         world_hint = world_size_from_env()
         ds_config = None
         if r.train.deepspeed:
@@ -208,7 +253,7 @@ class Trainer:
         acc = make_accelerator(precision=r.train.precision, grad_accum=r.train.grad_accum,
                                deepspeed_config=ds_config, find_unused_parameters=r.train.find_unused_parameters)
         try:
-            return self._run(acc, resume_dir, ds_config is not None, started)
+            return self._run(acc, sources, resume_dir, ds_config is not None, started)
         finally:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
@@ -216,7 +261,7 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=True)
 
-    def _run(self, acc: Any, resume_dir: Path | None, use_ds: bool, started: float) -> dict[str, Any]:
+    def _run(self, acc: Any, sources: DataSources, resume_dir: Path | None, use_ds: bool, started: float) -> dict[str, Any]:
         from accelerate.utils import set_seed
 
         r = self.recipe
@@ -237,10 +282,12 @@ class Trainer:
             for p in model.trimmer_parameters():
                 p.requires_grad_(False)
         groups = param_groups(model, lr=r.train.lr, trimmer_lr=r.train.trimmer_lr or r.train.lr,
-                              weight_decay=r.train.weight_decay)
+                              weight_decay=r.train.weight_decay, lr_mult=r.train.lr_mult)
         optimizer = torch.optim.AdamW(groups, lr=r.train.lr, betas=tuple(r.train.betas), eps=r.train.eps)
         base_lrs = [g["base_lr"] for g in groups]
         group_names = [g["name"] for g in groups]
+        if use_ds and acc.state.deepspeed_plugin.zero_stage == 3:
+            mark_zero3_leaves(model)
         model, optimizer = acc.prepare(model, optimizer)
         unwrapped = acc.unwrap_model(model)
 
@@ -258,7 +305,7 @@ class Trainer:
         if main and resume_dir is not None:
             log.info("resumed from %s at step %d (target %.4f)", resume_dir, step, objective.target(step))
 
-        train_factory, val_factory = build_loaders(r.data, seed=r.train.seed, rank=rank, world=world)
+        train_factory, val_factory = sources.factories(seed=r.train.seed, world=world)
         stream = TrainStream(train_factory, rank=rank, world=world, per_rank=r.data.batch_size,
                              split=r.data.rank_split)
         stream.load_state_dict(state["data"])
