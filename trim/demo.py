@@ -43,14 +43,17 @@ def main(argv: list[str]) -> int:
     if not (data / "manifest.json").is_file():
         run(["data", "synth", "--out", str(data), "--train", str(a.train_samples), "--val", str(a.val_samples),
              "--test", "200", "--tasks", "vqa", "--image-size", "64", "--seed", "0"])
-    common = [f"data.root={data}", f"output_dir={out}", f"data.val_samples={a.val_samples}"]
+    # resume=latest: a re-run (or one after a crash) continues where it stopped instead of refusing
+    common = [f"data.root={data}", f"output_dir={out}", f"data.val_samples={a.val_samples}", "train.resume=latest"]
     full = "shapes_vqa_dual_tiny_full"
     run(["train", "recipes/shapes_vqa_dual_tiny_full.yaml", *common, f"train.steps={a.full_steps}"])
     runs = [full]
     for target in TARGETS:
         name = f"shapes_vqa_dual_tiny_smarttrim_{str(target).replace('.', '')}"
         run(["train", "recipes/shapes_vqa_dual_tiny_smarttrim.yaml", *common, f"name={name}",
-             f"model.init_from={out / full}", f"objective.target={target}", f"train.steps={a.trim_steps}"])
+             f"model.init_from={out / full}", f"objective.target={target}", f"train.steps={a.trim_steps}",
+             # reach the final target halfway, then train at it
+             f"objective.curriculum.steps={a.trim_steps // 2}"])
         runs.append(name)
     results = []
     for name in runs:
