@@ -613,7 +613,9 @@ def _evaluate(ckpt: Path, task: str, root: Path, dist: _Dist, *, split: str, bat
         "split": split,
         "checkpoint": str(ckpt.resolve()),
         "data": str(root.resolve()),
-        "run": {"method": objective.get("method"), "target": objective.get("target")},
+        # A plain fine-tuning run carries the recipe's default target, which means nothing there.
+        "run": {"method": objective.get("method"),
+                "target": objective.get("target") if objective.get("method") not in (None, "none") else None},
         "model": {"family": cfg.family, "image_size": cfg.vision.image_size, "num_labels": cfg.num_labels,
                   "trim": cfg.to_dict()["trim"]},
         "samples": n,
