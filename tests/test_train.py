@@ -307,3 +307,28 @@ def test_lr_multipliers_by_prefix():
     assert all(id(p) in head for g in groups if g["name"].endswith("_x50") for p in g["params"])
     with pytest.raises(ConfigError, match=r"train\.lr_mult: prefix 'heads\.' matches no parameter; top-level modules: .*head\."):
         param_groups(model, lr=1e-3, trimmer_lr=1e-2, weight_decay=0.0, lr_mult={"heads.": 2})
+
+
+def test_binarize_term_reads_every_trimmer_decision():
+    from trim.models import create_model
+    from trim.train.objectives import indecision, keep_probabilities
+
+    recipe = load_recipe(tiny_recipe(Path("unused"), Path("unused"), objective={"binarize": 2.0}))
+    model = create_model(recipe.model.config)
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batch = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": ids, "attention_mask": mask,
+             "labels": torch.rand(3, 25)}
+    with keep_probabilities(model) as probs:
+        model(batch, trim="train")
+    # 1 vision token trimmer + 2 x 2 cross token trimmers + 2 x 4 cross head trimmers
+    assert len(probs) == 13
+    assert all(((p > 0) & (p < 1)).all() for p in probs)
+    # a fresh trimmer keeps with p = sigmoid(3): the penalty is 4 p (1 - p)
+    p0 = torch.sigmoid(torch.tensor(3.0))
+    assert float(indecision(probs).detach()) == pytest.approx(float(4 * p0 * (1 - p0)), rel=1e-4)
+    objective = build_objective(recipe.objective, "vqa")
+    result = objective(model, batch, 0, teacher=lambda b: model(b, trim="off"))
+    assert result.terms["loss/binarize"] == pytest.approx(float(4 * p0 * (1 - p0)), rel=1e-4)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed again

@@ -199,6 +199,9 @@ class ObjectiveConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     hidden_cosine: float = 0.0
+    # weight of mean 4 p (1 - p) over the trimmers' keep probabilities: pushes decisions to 0 or 1
+    # so that inference's deterministic rule (keep if p > 1/2) costs what training expected
+    binarize: float = 0.0
     gumbel: GumbelConfig = field(default_factory=GumbelConfig)
     eval_trim: Literal["eval", "masked"] = "eval"  # how periodic evaluation runs the trimmed model
 
@@ -210,7 +213,7 @@ class ObjectiveConfig:
         if not (0.0 < self.target <= 1.0):
             raise ConfigError(f"objective.target={self.target} is not a cost ratio; use a value in (0, 1] "
                               "(0.5 keeps about half of the FLOPs, 1.0 keeps everything)")
-        for key in ("task_weight", "lambda_cost", "hidden_cosine"):
+        for key in ("task_weight", "lambda_cost", "hidden_cosine", "binarize"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}={getattr(self, key)} must be >= 0")
         if self.distill.weight < 0:

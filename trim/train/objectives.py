@@ -31,7 +31,8 @@ Later methods register themselves in ``METHODS`` with ``@register("name")``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,43 @@ def kept_counts(records: dict[str, list]) -> dict[str, float]:
         out[f"kept_tokens/{base}"] = float(torch.stack(values).mean())
         out[f"kept_heads/{base}"] = float(torch.stack(heads[base]).mean())
     return out
+
+
+@contextlib.contextmanager
+def keep_probabilities(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Collect every trimmer's keep probabilities of the forward passes run inside the block.
+
+    Token trimmers contribute their prunable alive tokens only (padding, special and already
+    dropped tokens have no decision to make); head trimmers every head.
+    """
+    from trim.prune import HeadTrimmer, TokenTrimmer
+
+    found: list[Tensor] = []
+
+    def token_hook(module, args, output):
+        tokens, prob = args[0], output[1]
+        found.append(prob[tokens.keep.bool() & ~tokens.protect])
+
+    def head_hook(module, args, output):
+        found.append(output[1].flatten())
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, TokenTrimmer):
+            handles.append(m.register_forward_hook(token_hook))
+        elif isinstance(m, HeadTrimmer):
+            handles.append(m.register_forward_hook(head_hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def indecision(probs: list[Tensor]) -> Tensor:
+    """Mean of 4 p (1 - p) over all decisions: 1 when every keep probability is 1/2, 0 when all are 0 or 1."""
+    flat = torch.cat([p.float().flatten() for p in probs])
+    return (4 * flat * (1 - flat)).mean() if flat.numel() else flat.sum()
 
 
 class Objective:
@@ -177,13 +215,18 @@ class SmartTrim(Objective):
     def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
         cfg = self.cfg
         target, tau = self.target(step), self.tau(step)
-        out = model(batch, trim="train", tau=tau)
+        with keep_probabilities(model) if cfg.binarize > 0 else contextlib.nullcontext([]) as probs:
+            out = model(batch, trim="train", tau=tau)
         task = task_loss(out.logits, batch["labels"], self.task)
         ratio = global_mean(out.cost_ratio.float().mean())
         cost = (ratio - target) ** 2
         loss = cfg.task_weight * task + cfg.lambda_cost * cost
         terms = {"loss/task": float(task.detach()), "loss/cost": float(cost.detach()),
                  "cost_ratio": float(ratio.detach()), "target": target, "tau": tau}
+        if cfg.binarize > 0 and probs:
+            b = indecision(probs)
+            loss = loss + cfg.binarize * b
+            terms["loss/binarize"] = float(b.detach())
         if self.needs_teacher:
             if teacher is None:
                 raise RuntimeError("SmartTrim distillation needs the teacher pass (trim='off'); pass teacher=")
