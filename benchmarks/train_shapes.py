@@ -1,6 +1,6 @@
 """SmartTrim end to end on the synthetic shapes VQA task, on this machine.
 
-    python benchmarks/train_shapes.py [--data data/shapes] [--out runs/bench_shapes] [--scale 1.0]
+    python benchmarks/train_shapes.py [--data runs/bench_shapes/data] [--out runs/bench_shapes] [--scale 1.0]
 
 1. writes the synthetic data if ``--data`` has none (10k train / 1k val VQA questions, 64 px);
 2. trains the full tiny dual-stream model (recipes/shapes_vqa_dual_tiny_full.yaml);
@@ -59,7 +59,7 @@ def train(name: str, recipe: str, out: Path, data: Path, overrides: list[str], f
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--data", default="runs/bench_shapes/data")
     p.add_argument("--out", default="runs/bench_shapes")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (0.1: smoke run)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")

@@ -276,7 +276,7 @@ def test_train_checkpoint_resume_and_init_from(shapes, tmp_path, capsys):
             "lr/trimmer"} <= set(train_lines[0])
     assert train_lines[0]["lr/trimmer"] == pytest.approx(1e10 * train_lines[0]["lr/backbone"])
     ev = [m for m in metrics if m["kind"] == "eval"][-1]
-    assert ev["trim"] == "eval" and ev["cost_ratio"] > 0
+    assert ev["trim"] == "masked" and ev["cost_ratio"] > 0
     assert list_checkpoints(out / "st")[-1] == latest_checkpoint(out / "st")
 
 

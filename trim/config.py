@@ -203,7 +203,9 @@ class ObjectiveConfig:
     # so that inference's deterministic rule (keep if p > 1/2) costs what training expected
     binarize: float = 0.0
     gumbel: GumbelConfig = field(default_factory=GumbelConfig)
-    eval_trim: Literal["eval", "masked"] = "eval"  # how periodic evaluation runs the trimmed model
+    # how periodic evaluation runs the trimmed model: masked = inference's decisions and outputs,
+    # cost per sample as if run alone; eval = gathered layout, cost includes each batch's padding
+    eval_trim: Literal["masked", "eval"] = "masked"
 
     def validate(self) -> None:
         from trim.train.objectives import METHODS  # the registry later methods add themselves to
@@ -384,7 +386,7 @@ def _resolve(recipe: Recipe) -> None:
         obj.curriculum.steps = max(1, train.steps // 2)
     if obj.gumbel.steps is None:
         obj.gumbel.steps = train.steps
-    if obj.curriculum.warmup + obj.curriculum.steps > train.steps:
+    if obj.method != "none" and obj.curriculum.warmup + obj.curriculum.steps > train.steps:
         raise ConfigError(f"objective.curriculum.warmup + steps = {obj.curriculum.warmup + obj.curriculum.steps} "
                           f"is beyond train.steps={train.steps}; the final target would never be reached")
     if obj.method != "none" and not _has_trimmers(cfg):

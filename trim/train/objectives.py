@@ -6,6 +6,7 @@ SmartTrim (``method: smarttrim``)::
          + lambda_cost  * (mean_batch(expected cost ratio) - target(step))^2
          + distill.weight * D(student logits, teacher logits; temperature)
          + hidden_cosine  * (1 - cos(student pooled, teacher pooled))
+         + binarize       * mean over trimmer decisions of 4 p (1 - p)      (optional, default 0)
 
 * the student runs with ``trim="train"``: Gumbel-sigmoid decisions at temperature
   ``tau(step)`` (annealed ``tau_start -> tau_end``) with straight-through gradients, and a
@@ -19,6 +20,12 @@ SmartTrim (``method: smarttrim``)::
   long as the batch meets the budget. Under data parallelism the mean is taken over the
   global batch (a differentiable all-reduce), so N processes train exactly what one
   process with the global batch would.
+
+* ``binarize`` (not in the paper; off by default) closes a gap between training and
+  inference: the cost term sees the *expected* cost, where keep probabilities multiply down
+  the layers, while inference keeps a token exactly when p > 1/2. Probabilities that all sit a
+  little above 1/2 meet the budget in expectation and keep everything at inference; the
+  penalty pushes each p to 0 or 1, where both agree.
 
 Plain fine-tuning (``method: none``): ``task_weight * task`` with trimming off; the
 trimmers (if any) are frozen.
