@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from trim.models.config import ModelConfig
 from trim.models.output import ModelOutput
-from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer
+from trim.prune import CostMeter, LayerRecord, trimmer_modules
 from trim.prune.stack import check_mode
 
 
@@ -52,9 +52,8 @@ class TrimModel(nn.Module):
 
     def trimmer_parameters(self):
         """Parameters of every trimmer (the trainer gives them their own learning rate)."""
-        for module in self.modules():
-            if isinstance(module, (TokenTrimmer, HeadTrimmer)):
-                yield from module.parameters()
+        for _, module in trimmer_modules(self):
+            yield from module.parameters()
 
     def backbone_parameters(self):
         trimmer_ids = {id(p) for p in self.trimmer_parameters()}

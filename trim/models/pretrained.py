@@ -1,6 +1,7 @@
 """`from_pretrained(name_or_dir)`: one entry point for trim checkpoints and the models users have.
 
-* a trim model directory (``config.json`` with a ``model`` section) -> `load_model`;
+* a trim model directory (``config.json`` with a ``model`` section), or a run folder whose
+  ``latest`` file names one -> `load_model`;
 * a transformers checkpoint — a local directory or a hub name, resolved through the same
   ``from_pretrained`` call transformers itself uses (offline it needs the local copy) —
   whose ``model_type`` has a converter in ``trim.models.convert``;
@@ -10,24 +11,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from trim.models.io import CONFIG_NAME, load_model
+from trim.models.io import LATEST_NAME, is_model_dir, load_model, resolve_checkpoint
 
 
 def from_pretrained(name_or_dir: str | os.PathLike, **kwargs: Any) -> nn.Module:
     path = Path(name_or_dir)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        config = json.loads((path / CONFIG_NAME).read_text())
-        if "model" in config:
-            return load_model(path)
+    if is_model_dir(path) or (path / LATEST_NAME).is_file():  # a trim checkpoint or run folder
+        return load_model(resolve_checkpoint(path, "pretrained"))
     from trim.models import convert
 
     return convert.convert_pretrained(str(name_or_dir), **kwargs)
-
-

@@ -15,6 +15,8 @@ is ``init_logit`` > 0, so every token and head is kept until training says other
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -142,3 +144,11 @@ def heads_to_run(head_mask: Tensor) -> Tensor | None:
     """Union of kept heads over the batch (physical slicing), or None when all are kept."""
     union = head_mask.bool().any(0)
     return None if bool(union.all()) else union.nonzero().squeeze(1)
+
+
+def trimmer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every token and head trimmer in ``model``: the one definition of
+    "a trimmer" that parameter groups, freezing and checkpoint loading use."""
+    for name, module in model.named_modules():
+        if isinstance(module, (TokenTrimmer, HeadTrimmer)):
+            yield name, module

@@ -36,12 +36,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trim.errors import CheckpointError
+from trim.models.io import CONFIG_NAME, LATEST_NAME, WEIGHTS_NAME, load_weights, read_weights
 
-LATEST = "latest"
-CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, OPTIMIZER_NAME = "config.json", "model.safetensors", "trainer_state.json", "optimizer.pt"
+LATEST = LATEST_NAME
+STATE_NAME, OPTIMIZER_NAME = "trainer_state.json", "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -194,12 +195,8 @@ class CheckpointIO:
             if not (step_dir / OPTIMIZER_NAME).is_file():
                 raise CheckpointError(f"{step_dir} has no {OPTIMIZER_NAME} (written by a DeepSpeed run?); resume it "
                                       "with the same train.deepspeed setting")
-            unwrapped = self.acc.unwrap_model(model)
-            weights = load_file(str(step_dir / WEIGHTS_NAME), device="cpu")
-            missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"{step_dir / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, "
-                                      f"unexpected {unexpected[:5]}")
+            weights = step_dir / WEIGHTS_NAME
+            load_weights(self.acc.unwrap_model(model), read_weights(weights), source=str(weights))
             optimizer.load_state_dict(torch.load(step_dir / OPTIMIZER_NAME, map_location="cpu", weights_only=False))
             scaler = getattr(self.acc, "scaler", None)
             if scaler is not None and (step_dir / "scaler.pt").is_file():
@@ -213,21 +210,3 @@ class CheckpointIO:
             return False
         set_rng_state(torch.load(path, weights_only=False))
         return True
-
-
-def load_weights_into(model: torch.nn.Module, step_dir: Path, *, allow_missing: set[str] = frozenset()) -> list[str]:
-    """Load ``model.safetensors`` of a checkpoint into a model that may add parameters (new trimmers).
-
-    Keys the model has and the checkpoint lacks are allowed only if listed in ``allow_missing``;
-    returns them. Keys the checkpoint has and the model lacks are an error.
-    """
-    path = Path(step_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; model.init_from needs a checkpoint with weights")
-    weights = load_file(str(path), device="cpu")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    bad_missing = [k for k in missing if k not in allow_missing]
-    if unexpected or bad_missing:
-        raise CheckpointError(f"{path} does not fit the recipe's model: it lacks {bad_missing[:5]} and has extra "
-                              f"{unexpected[:5]}; only trimmer parameters may be new")
-    return list(missing)

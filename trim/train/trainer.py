@@ -25,7 +25,8 @@ import torch
 
 from trim.config import Recipe, resolve_checkpoint
 from trim.errors import CheckpointError, ConfigError
-from trim.train.checkpoint import CheckpointIO, fault_point, latest_checkpoint, list_checkpoints, load_weights_into
+from trim.models.io import WEIGHTS_NAME, load_weights, read_weights, transfer_weights, trimmer_keys
+from trim.train.checkpoint import CheckpointIO, fault_point, latest_checkpoint, list_checkpoints
 from trim.train.data import DataSources, TrainStream, batch_size_of, rank_slice, slice_batch
 from trim.train.distributed import (apply_launcher_env, global_mean, load_deepspeed_config, make_accelerator,
                                     world_size_from_env)
@@ -43,12 +44,6 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def trimmer_prefixes(model: torch.nn.Module) -> list[str]:
-    from trim.prune import HeadTrimmer, TokenTrimmer
-
-    return [name + "." for name, m in model.named_modules() if isinstance(m, (TokenTrimmer, HeadTrimmer))]
 
 
 def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight_decay: float,
@@ -200,9 +195,8 @@ class Trainer:
             return self._from_pretrained(sec.pretrained, sec.config)
         model = create_model(sec.config)
         if sec.init_from:
-            prefixes = trimmer_prefixes(model)
-            new = {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
-            added = load_weights_into(model, Path(sec.init_from), allow_missing=new)
+            weights = Path(sec.init_from) / WEIGHTS_NAME
+            added = load_weights(model, read_weights(weights), source=str(weights), fresh=trimmer_keys(model))
             log.info("initialised from %s (%d new trimmer tensors)", sec.init_from, len(added))
         return model
 
@@ -231,7 +225,8 @@ class Trainer:
                               "make the recipe's model fields match the source")
         # Same backbone, other head or trimmers (e.g. a trim directory): rebuild and copy what fits.
         fresh = create_model(cfg)
-        Trainer._load_pretrained(fresh, model.state_dict(), source)
+        added = transfer_weights(model, fresh, source=f"model.pretrained={source!r}")
+        log.info("started from %s (%d fresh head / trimmer tensors)", source, len(added))
         return fresh
 
     # -- the run --------------------------------------------------------------------------

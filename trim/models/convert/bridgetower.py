@@ -84,7 +84,7 @@ from torch import Tensor
 from trim.errors import CheckpointError, ConfigError
 from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig, from_dict
 from trim.models.dual import DualStreamModel
-from trim.prune import HeadTrimmer, TokenTrimmer
+from trim.models.io import head_keys, load_weights, trimmer_keys
 
 # transformers activation names -> trim's (trim.nn.mlp.ACTIVATIONS)
 ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -160,7 +160,8 @@ def convert_bridgetower(name_or_dir: str | os.PathLike, *, task: str | None = No
     cfg = model_config(hf_config, task=task, num_labels=num_labels, trim=trim, image_size=image_size)
     model = DualStreamModel(cfg)
     state = map_weights(hf_state, cfg, grid=_grid(hf_config), pretrained_head=pretrained_head)
-    _load_all_but_trimmers(model, state, fresh_head=not pretrained_head, source=str(name_or_dir))
+    fresh = trimmer_keys(model) | (set() if pretrained_head else head_keys(model))
+    load_weights(model, state, source=f"{name_or_dir} (converted from BridgeTower)", fresh=fresh)
     return model
 
 
@@ -343,29 +344,3 @@ def _load_hf_weights(name_or_dir: str | os.PathLike) -> tuple[dict[str, Tensor],
     state = {key.removeprefix("bridgetower."): value.detach().float() if value.is_floating_point() else value.detach()
              for key, value in hf.state_dict().items()}
     return state, has_itm
-
-
-def _trimmer_keys(model: torch.nn.Module) -> set[str]:
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (TokenTrimmer, HeadTrimmer)):
-            keys.update(f"{name}.{k}" for k in module.state_dict())
-    return keys
-
-
-def _load_all_but_trimmers(model: DualStreamModel, state: dict[str, Tensor], *, fresh_head: bool,
-                           source: str) -> None:
-    """Load strictly, except for trimmers (they start fresh) and a head the checkpoint lacks."""
-    allowed = _trimmer_keys(model)
-    if fresh_head:
-        allowed |= {f"head.{k}" for k in model.head.state_dict()}
-    own = model.state_dict()
-    wrong_shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                   if k in own and v.shape != own[k].shape]
-    if wrong_shape:
-        raise CheckpointError(f"{source}: converted BridgeTower weights do not fit the trim model: {wrong_shape[:5]}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = sorted(set(missing) - allowed)
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: BridgeTower conversion left trim weights unset {missing[:5]} or "
-                              f"produced unknown ones {list(unexpected)[:5]}")

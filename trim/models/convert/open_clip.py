@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from trim.errors import CheckpointError, ConfigError
 from trim.models.clip_text import ClipTextConfig, ClipTextTower
 from trim.models.config import ModelConfig, TrimConfig, VisionConfig, from_dict
+from trim.models.io import load_weights, trimmer_keys
 from trim.models.towers import VisionTower
 from trim.prune import CostMeter, LayerRecord, start_tokens
 
@@ -327,16 +328,9 @@ class ClipTowers(nn.Module):
         return logits, logits.T
 
 
-def _load_strict(module: nn.Module, state: dict[str, Tensor], what: str, allowed_missing: tuple[str, ...]) -> None:
-    """Load converted weights; only freshly initialised parts (trimmers, ...) may be missing."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(allowed_missing)]
-    if missing or unexpected:
-        raise CheckpointError(f"converting {what}: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                              f"(a converter bug or an unsupported variant)")
-
-
-TRIMMER_KEYS = ("stack.token_trimmers.", "stack.head_trimmers.")
+def _load_converted(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Converted weights fill everything but the trimmers, which start fresh."""
+    load_weights(module, state, source=f"converting {what}", fresh=trimmer_keys(module))
 
 
 def towers_from_open_clip(model: nn.Module, *, trim: TrimConfig | dict | None = None,
@@ -349,11 +343,11 @@ def towers_from_open_clip(model: nn.Module, *, trim: TrimConfig | dict | None = 
     towers = ClipTowers(vcfg, tcfg, proj.shape[1] if proj is not None else None, trim=trim,
                         vision_pool=model.visual.pool_type, final_ln_after_pool=model.visual.final_ln_after_pool,
                         logit_bias=getattr(model, "logit_bias", None) is not None)
-    _load_strict(towers.visual, vstate, "the open_clip vision tower", TRIMMER_KEYS)
+    _load_converted(towers.visual, vstate, "the open_clip vision tower")
     if proj is not None:
         towers.visual_proj.weight.data.copy_(proj.detach().t())  # open_clip computes x @ proj
     if towers.text is not None:
-        _load_strict(towers.text, tstate, "the open_clip text tower", TRIMMER_KEYS)
+        _load_converted(towers.text, tstate, "the open_clip text tower")
     with torch.no_grad():
         towers.logit_scale.copy_(model.logit_scale.detach().reshape(()))
         if towers.logit_bias is not None:
@@ -431,6 +425,6 @@ def build_meter(vision: str = "open_clip:ViT-B-16", vision_pretrained: str | Non
     model = DualStreamModel(cfg)
     for name in METER_FRESH:
         getattr(model, name).apply(_meter_init)
-    _load_strict(model.vision, vstate, f"{vision} (vision tower)", TRIMMER_KEYS)
-    _load_strict(model.text, tstate, f"{text} (text tower)", TRIMMER_KEYS)
+    _load_converted(model.vision, vstate, f"{vision} (vision tower)")
+    _load_converted(model.text, tstate, f"{text} (text tower)")
     return model

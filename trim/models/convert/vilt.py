@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from trim.errors import CheckpointError, ConfigError
+from trim.models.io import head_keys, load_weights, trimmer_keys
 from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig, from_dict
 from trim.models.vilt import ViltModel
 
@@ -120,16 +121,13 @@ def convert_vilt(name_or_dir: str, *, task: str | None = None, num_labels: int |
     model = ViltModel(cfg)
     state = _rename(backbone.state_dict(), BACKBONE_KEYS, skip={MODALITY_KEY})
     state["modality_embeddings.weight"] = _modality_rows(backbone.state_dict()[MODALITY_KEY], cfg.max_images + 1)
+    fresh = trimmer_keys(model)
     if keep_head:
         state.update(_rename(head.state_dict(), HEAD_KEYS, prefix=HEADS[source_task] + "."))
     else:
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    fresh = [k for k in missing if not k.startswith(("stack.token_trimmers.", "stack.head_trimmers."))]
-    if fresh or unexpected:
-        raise CheckpointError(f"converting {name_or_dir!r}: trim parameters left unset {fresh[:5]}, source "
-                              f"parameters with no place {unexpected[:5]}; trim.models.convert.vilt is out of "
-                              f"date with transformers {transformers.__version__}")
+        fresh |= head_keys(model)
+    load_weights(model, state, source=f"{name_or_dir!r} (converted from {arch}; transformers "
+                                      f"{transformers.__version__})", fresh=fresh)
     return model
 
 
