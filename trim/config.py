@@ -23,12 +23,8 @@ Checking reads no data and builds no model (it reads the ``config.json`` of an
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +32,11 @@ from typing import Any, Literal
 
 import yaml
 
-from trim.errors import ConfigError
+from trim.errors import CheckpointError, ConfigError
+from trim.models.config import ModelConfig
+from trim.models.io import LATEST_NAME, is_model_dir, read_config, resolve_checkpoint
+from trim.schema import build_dataclass, coerce, deep_merge, reject_unknown
 
-PRECISIONS = ("no", "bf16", "fp16")
-RANK_SPLITS = ("batch", "shards")
-DISTILL_KINDS = ("auto", "kl", "bce")
-CURRICULUM_SHAPES = ("linear", "cosine", "cubic")
 TRAIN_TASKS = ("vqa", "nlvr2")
 MODEL_SOURCE_KEYS = ("init_from", "pretrained")
 
@@ -192,7 +187,7 @@ class ObjectiveConfig:
     """loss = task_weight * task + lambda_cost * (E[cost ratio] - target(step))^2
     + distill.weight * distill(student, teacher) + hidden_cosine * (1 - cos(h_s, h_t))."""
 
-    method: str = "smarttrim"
+    method: str = "smarttrim"  # a name in trim.train.objectives' registry
     task_weight: float = 1.0
     lambda_cost: float = 10.0
     target: float = 0.5  # final cost ratio (FLOPs of the trimmed model / FLOPs of the full one)
@@ -208,10 +203,7 @@ class ObjectiveConfig:
     eval_trim: Literal["masked", "eval"] = "masked"
 
     def validate(self) -> None:
-        from trim.train.objectives import METHODS  # the registry later methods add themselves to
-
-        if self.method not in METHODS:
-            raise ConfigError(f"objective.method={self.method!r} is unknown; choose one of {tuple(METHODS)}")
+        # objective.method is checked by the objective registry (trim.train.objectives.build_objective).
         if not (0.0 < self.target <= 1.0):
             raise ConfigError(f"objective.target={self.target} is not a cost ratio; use a value in (0, 1] "
                               "(0.5 keeps about half of the FLOPs, 1.0 keeps everything)")
@@ -238,7 +230,7 @@ class ObjectiveConfig:
 class ModelSection:
     """The model to train: its full config and where its starting weights come from."""
 
-    config: Any  # trim.models.ModelConfig
+    config: ModelConfig
     init_from: str | None = None  # a checkpoint directory (resolved: the step directory)
     pretrained: str | None = None  # a trim.models.from_pretrained source
 
@@ -299,12 +291,38 @@ def load_recipe(path: str | os.PathLike | Mapping[str, Any], overrides: Sequence
     return recipe_from_dict(raw, where=where)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: a second
+    ``train:`` section would otherwise silently replace the first one's keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"{key_node.start_mark.name}: the key {key!r} is given twice, on lines "
+                                  f"{first_line[key]} and {line}; merge the two into one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, name: str = "<recipe>") -> Any:
+    """Safe YAML with duplicate keys rejected (see `_UniqueKeyLoader`)."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {p} does not exist; pass a YAML recipe such as recipes/shapes_vqa_dual_tiny_full.yaml")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = parse_yaml(p.read_text(), str(p))
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {p} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -322,7 +340,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise ConfigError(f"override key {key!r} has an empty part; write it like train.lr or model.trim.min_keep_tokens")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, f"override {key}") if text.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({err})") from err
     return parts, value
@@ -345,7 +363,7 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str = "recipe") -> Recipe:
     """Check a parsed recipe and resolve its defaults (curriculum length, model source, ...)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping; got {type(raw).__name__}")
-    _reject_unknown(raw, _TOP_KEYS, "", where)
+    reject_unknown(raw, _TOP_KEYS, "")
     for key in ("name", "model", "data", "train", "objective"):
         if key not in raw:
             raise ConfigError(f"{where}: the key '{key}' is missing; a recipe needs {', '.join(_TOP_KEYS[3:])} and a name")
@@ -375,11 +393,6 @@ def _resolve(recipe: Recipe) -> None:
     if cfg.vision.image_size != data.image_size:
         raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}; "
                           "set both to the same size")
-    if cfg.family == "vilt" and cfg.text.width != cfg.vision.width:
-        raise ConfigError(f"model.text.width={cfg.text.width} but model.vision.width={cfg.vision.width}: ViLT is one "
-                          "stream, its text embeddings must have the stack's width")
-    if cfg.family == "vilt" and cfg.task == "nlvr2" and cfg.max_images < 2:
-        raise ConfigError(f"model.max_images={cfg.max_images}: ViLT for NLVR2 embeds two images; set it to 2")
     if data.eval_batch_size is None:
         data.eval_batch_size = 2 * data.batch_size
     if obj.curriculum.steps is None:
@@ -396,26 +409,9 @@ def _resolve(recipe: Recipe) -> None:
         raise ConfigError("objective.distill.kind=kl: VQA heads are multi-label (sigmoid); use bce or auto")
     if obj.distill.kind == "bce" and cfg.task != "vqa":
         raise ConfigError(f"objective.distill.kind=bce: {cfg.task} heads are single-label (softmax); use kl or auto")
-    if train.lr_mult:
-        names = _parameter_names(cfg)
-        for prefix in train.lr_mult:
-            if not any(n.startswith(prefix) for n in names):
-                top = sorted({n.split(".")[0] + "." for n in names})
-                raise ConfigError(f"train.lr_mult: prefix {prefix!r} matches no parameter of this model; top-level "
-                                  f"modules: {', '.join(top)}")
     if train.deepspeed is not None and not Path(train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed={train.deepspeed!r} does not exist; use a JSON file such as "
                           "launch/deepspeed/zero2.json, or null for DDP")
-
-
-def _parameter_names(cfg: Any) -> list[str]:
-    """Parameter names of the model a config builds, without allocating it (meta device)."""
-    import torch
-
-    from trim.models import create_model
-
-    with torch.device("meta"):
-        return [name for name, _ in create_model(cfg).named_parameters()]
 
 
 def _has_trimmers(cfg: Any) -> bool:
@@ -426,13 +422,9 @@ def _has_trimmers(cfg: Any) -> bool:
 # ----------------------------------------------------------------------------- the model section
 
 
-def _model_config_class() -> type:
-    from trim.models import ModelConfig
-
-    return ModelConfig
-
-
 def _model_section(raw: Any) -> ModelSection:
+    """The model's config: its source's config (a checkpoint's, or what a pretrained source
+    converts to) with the recipe's fields laid over it, checked by `ModelConfig.validate`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"model must be a mapping of ModelConfig fields (family, task, vision, ...); got {type(raw).__name__}")
     raw = dict(raw)
@@ -440,32 +432,27 @@ def _model_section(raw: Any) -> ModelSection:
     pretrained = coerce(str | None, raw.pop("pretrained", None), "model.pretrained")
     if init_from and pretrained:
         raise ConfigError("model.init_from and model.pretrained are both set; start from one of them")
-    cls = _model_config_class()
     base: dict[str, Any] = {}
-    if init_from:
-        step_dir = resolve_checkpoint(init_from, "model.init_from")
-        base = read_model_config(step_dir, "model.init_from")
-        init_from = str(step_dir.resolve())
-    elif pretrained:
-        base = _pretrained_config(pretrained, raw)
-    merged = deep_merge(base, raw)
-    config = build_dataclass(cls, merged, "model", extra_allowed=MODEL_SOURCE_KEYS)
-    try:
-        config.validate()
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:  # a validate() that trips over a value it did not expect
-        raise ConfigError(f"model: {err}") from err
-    return ModelSection(config=config, init_from=init_from, pretrained=pretrained)
+    try:  # a checkpoint the recipe names that cannot be read is a recipe error, found before any work
+        if init_from:
+            step_dir = resolve_checkpoint(init_from, "model.init_from")
+            base = read_config(step_dir)["model"]
+            init_from = str(step_dir.resolve())
+        elif pretrained:
+            base = _pretrained_config(pretrained, raw)
+    except CheckpointError as err:
+        key = "model.init_from" if init_from else "model.pretrained"
+        message = str(err)
+        raise ConfigError(message if message.startswith(key) else f"{key}={init_from or pretrained!r}: {message}") from err
+    config = build_dataclass(ModelConfig, deep_merge(base, raw), "model")
+    return ModelSection(config=config.validate(), init_from=init_from, pretrained=pretrained)
 
 
 def _pretrained_config(source: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The config a pretrained source converts to, when it can be read without the weights."""
     path = Path(source)
-    if (path / "config.json").is_file():
-        data = json.loads((path / "config.json").read_text())
-        if "model" in data:
-            return data["model"]
+    if is_model_dir(path) or (path / LATEST_NAME).is_file():  # a trim checkpoint or run folder
+        return read_config(resolve_checkpoint(path, "model.pretrained"))["model"]
     try:
         from trim.models import convert
     except ImportError:
@@ -480,181 +467,10 @@ def _pretrained_config(source: str, overrides: Mapping[str, Any]) -> dict[str, A
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
 
-def resolve_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> Path:
-    """A checkpoint directory from a step directory, a run folder (its ``latest``) or a ``latest`` file."""
-    p = Path(path)
-    if p.is_file() and p.name == "latest":
-        p = p.parent
-    if p.is_dir() and (p / "config.json").is_file():
-        return p
-    if p.is_dir() and (p / "latest").is_file():
-        target = p / (p / "latest").read_text().strip()
-        if (target / "config.json").is_file():
-            return target
-        raise ConfigError(f"{key}={str(path)!r}: {p / 'latest'} points to {target.name}, which is missing or incomplete")
-    if p.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} is neither a checkpoint (config.json + model.safetensors) nor a run "
-                          "folder with a 'latest' checkpoint")
-    raise ConfigError(f"{key}={str(path)!r} does not exist; give a checkpoint directory (runs/<name>/step_<N>) or a "
-                      "run folder (runs/<name>, whose latest checkpoint is used)")
-
-
-def read_model_config(step_dir: Path, key: str) -> dict[str, Any]:
-    try:
-        data = json.loads((step_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{key}: cannot read {step_dir / 'config.json'} ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ConfigError(f"{key}: {step_dir / 'config.json'} has no 'model' section; is it a trim checkpoint?")
-    return data["model"]
-
-
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-# ----------------------------------------------------------------------------- typed building
-
-
-def build_dataclass(cls: type, raw: Any, where: str, *, extra_allowed: Sequence[str] = ()) -> Any:
-    """Build a (nested) dataclass from plain data, checking every key and type."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys ({', '.join(_field_names(cls))}); "
-                          f"got {type(raw).__name__} {raw!r}")
-    names = _field_names(cls)
-    _reject_unknown(raw, names, where, where, extra_allowed=extra_allowed)
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.init and f.name in raw:
-            kwargs[f.name] = coerce(hints[f.name], raw[f.name], f"{where}.{f.name}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
-
-
-def _reject_unknown(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, where: str,
-                    extra_allowed: Sequence[str] = ()) -> None:
-    for key in raw:
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: key {key!r} is not a string")
-        if key not in allowed and key not in extra_allowed:
-            full = f"{prefix}.{key}" if prefix else key
-            close = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            section = f"in {prefix}" if prefix else "at the top level"
-            raise ConfigError(f"{full} is not a known key{hint}; allowed {section}: {', '.join(allowed)}")
-
-
-_NONE = type(None)
-
-
-def coerce(tp: Any, value: Any, key: str) -> Any:
-    """``value`` checked (and converted where lossless) as type ``tp``; errors name ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(tp)
-        if value is None:
-            if _NONE in arms:
-                return None
-            raise ConfigError(f"{key} is null but must be {_type_name(tp)}")
-        errors = []
-        for arm in (a for a in arms if a is not _NONE):
-            try:
-                return coerce(arm, value, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (list, Sequence, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list ({_type_name(tp)})")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        _, item = typing.get_args(tp) or (str, Any)
-        return {k: coerce(item, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    if value is None:
-        raise ConfigError(f"{key} is null but must be {_type_name(tp)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be a whole number")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                out = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be a number") from None
-        else:
-            raise ConfigError(f"{key}={value!r} must be a number")
-        if not math.isfinite(out):
-            raise ConfigError(f"{key}={value!r} must be a finite number")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}={value!r} must be a string")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        arms = [a for a in typing.get_args(tp) if a is not _NONE]
-        name = " or ".join(_type_name(a) for a in arms)
-        return name + (" or null" if _NONE in typing.get_args(tp) else "")
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (list, Sequence, tuple):
-        args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
 def _positive(key: str, value: int | float) -> None:
     if value < 1:
         raise ConfigError(f"{key}={value} must be >= 1")
 
 
 __all__ = ["CurriculumConfig", "DataConfig", "DistillConfig", "GumbelConfig", "ModelSection", "ObjectiveConfig",
-           "Recipe", "TrainConfig", "apply_override", "build_dataclass", "coerce", "load_recipe", "parse_override",
-           "recipe_from_dict", "resolve_checkpoint"]
+           "Recipe", "TrainConfig", "apply_override", "load_recipe", "parse_override", "recipe_from_dict"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trim.errors import ConfigError
+from trim.schema import build_dataclass
 
 FAMILIES = ("dual", "vilt")
 TASKS = ("vqa", "nlvr2", "itm")
@@ -112,8 +113,8 @@ class ModelConfig:
                     if not 0 <= layer < depth:
                         where = f"the {stack} stack has {depth} layers" + (f" (0..{depth - 1})" if depth else "")
                         raise ConfigError(f"model.trim.{key}[{i}]={layer} but {where}")
-        if self.family == "vilt" and (self.trim.text_token_layers or self.trim.text_head_layers):
-            raise ConfigError("model.trim.text_*_layers: ViLT is one stack; put its trimmers in vision_*_layers")
+        if self.family == "vilt":
+            self._validate_vilt()
         if self.trim.min_keep_tokens < 1 or self.trim.min_keep_heads < 1:
             raise ConfigError("model.trim.min_keep_tokens and min_keep_heads must be >= 1")
         if len(self.bridge_layers) not in (0, self.cross_layers):
@@ -121,28 +122,19 @@ class ModelConfig:
                               f"layer per cross layer ({self.cross_layers}) or none")
         return self
 
+    def _validate_vilt(self) -> None:
+        if self.trim.text_token_layers or self.trim.text_head_layers:
+            raise ConfigError("model.trim.text_*_layers: ViLT is one stack; put its trimmers in vision_*_layers")
+        if self.text.width != self.vision.width:
+            raise ConfigError(f"model.text.width={self.text.width} but model.vision.width={self.vision.width}: ViLT is "
+                              "one stream, its text embeddings must have the stack's width")
+        if self.task == "nlvr2" and self.max_images < 2:
+            raise ConfigError(f"model.max_images={self.max_images}: ViLT for NLVR2 embeds two images; set it to 2")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "model") -> "ModelConfig":
-        return from_dict(cls, data, where).validate()
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build a (nested) dataclass, rejecting unknown keys with their full dotted name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]} is not a known key; allowed: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls.__name__, name))
-        kwargs[name] = from_dict(sub, value, f"{where}.{name}") if sub else value
-    return cls(**kwargs)
-
-
-_NESTED = {("ModelConfig", "vision"): VisionConfig, ("ModelConfig", "text"): TextConfig,
-           ("ModelConfig", "trim"): TrimConfig}
+    def from_dict(cls, data: Any, where: str = "model") -> "ModelConfig":
+        """Build and validate from plain data (``config.json``'s ``model`` section, a recipe's)."""
+        return build_dataclass(cls, data, where).validate()

@@ -82,7 +82,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trim.errors import CheckpointError, ConfigError
-from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig, from_dict
+from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig
+from trim.schema import build_dataclass
 from trim.models.dual import DualStreamModel
 from trim.models.io import head_keys, load_weights, trimmer_keys
 
@@ -147,7 +148,7 @@ def convert_bridgetower(name_or_dir: str | os.PathLike, *, task: str | None = No
     hf_config = BridgeTowerConfig.from_pretrained(name_or_dir)
     check_supported(hf_config)
     if isinstance(trim, dict):
-        trim = from_dict(TrimConfig, trim, "trim")
+        trim = build_dataclass(TrimConfig, trim, "trim")
     hf_state, has_itm = _load_hf_weights(name_or_dir)
     if task is None:
         task = "itm" if has_itm else "vqa"

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from trim.errors import CheckpointError, ConfigError
 from trim.models.clip_text import ClipTextConfig, ClipTextTower
-from trim.models.config import ModelConfig, TrimConfig, VisionConfig, from_dict
+from trim.models.config import ModelConfig, TrimConfig, VisionConfig
+from trim.schema import build_dataclass
 from trim.models.io import load_weights, trimmer_keys
 from trim.models.towers import VisionTower
 from trim.prune import CostMeter, LayerRecord, start_tokens
@@ -370,7 +371,7 @@ def convert_open_clip(name: str, *, pretrained: str | None = None, trim: TrimCon
 def _trim_config(trim: TrimConfig | dict | None) -> TrimConfig:
     if trim is None:
         return TrimConfig()
-    return trim if isinstance(trim, TrimConfig) else from_dict(TrimConfig, trim, "trim")
+    return trim if isinstance(trim, TrimConfig) else build_dataclass(TrimConfig, trim, "trim")
 
 
 # -- METER -------------------------------------------------------------------------------

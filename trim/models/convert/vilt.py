@@ -36,7 +36,8 @@ from torch import Tensor
 
 from trim.errors import CheckpointError, ConfigError
 from trim.models.io import head_keys, load_weights, trimmer_keys
-from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig, from_dict
+from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig
+from trim.schema import build_dataclass
 from trim.models.vilt import ViltModel
 
 # transformers class -> the trim task its head implements (None: no task head)
@@ -182,7 +183,7 @@ def _model_config(hf_cfg, task: str, source_task: str | None, num_labels: int | 
     else:
         images = max(rows - 1, 1)
     if isinstance(trim, dict):
-        trim = from_dict(TrimConfig, trim, "trim")
+        trim = build_dataclass(TrimConfig, trim, "trim")
     vision = VisionConfig(image_size=image, patch_size=patch, channels=hf_cfg.num_channels, width=width,
                           layers=hf_cfg.num_hidden_layers, heads=heads, mlp_ratio=hf_cfg.intermediate_size / width,
                           act=ACTIVATIONS[hf_cfg.hidden_act], eps=hf_cfg.layer_norm_eps, patch_bias=True,
