@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from trim.models.config import ModelConfig
 from trim.models.output import ModelOutput
+from trim.models.streams import per_image
 from trim.prune import CostMeter, LayerRecord, trimmer_modules
 from trim.prune.stack import check_mode
 
@@ -41,7 +42,7 @@ class TrimModel(nn.Module):
                 pooled.append(self.encode(pixels[:, k], ids, mask, mode=trim, tau=tau, meter=meter, records=recs,
                                           track_alive=track_alive, image_index=k))
                 costs.append(meter.ratio())
-                records.update({f"{name}/image{k}": r for name, r in recs.items()})
+                records.update({per_image(name, k): r for name, r in recs.items()})
             hidden, cost = torch.cat(pooled, -1), torch.stack(costs).mean(0)
         else:
             meter = CostMeter()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from trim.models.base import TrimModel
+from trim.models.streams import CROSS_IMAGE, CROSS_TEXT, TEXT, VISION
 from trim.models.config import ModelConfig
 from trim.models.heads import Pooler, make_head
 from trim.models.towers import TextTower, VisionTower, text_protect
@@ -84,11 +85,11 @@ class DualStreamModel(TrimModel):
         image_outs: list[TokenSet] | None = [] if bridged else None
         t = start_tokens(self.text.embeddings(input_ids), mode, valid=attention_mask.bool(),
                          protect=text_protect(attention_mask))
-        t = self.text.stack(t, mode=mode, tau=tau, meter=meter, records=records.setdefault("text", []),
+        t = self.text.stack(t, mode=mode, tau=tau, meter=meter, records=records.setdefault(TEXT, []),
                             outputs=text_outs)
         x, protect = self.vision.embed_tokens(pixels)
         v = self.vision.stack(start_tokens(x, mode, protect=protect), mode=mode, other=t.mean(), tau=tau, meter=meter,
-                              records=records.setdefault("vision", []), track_alive=track_alive, outputs=image_outs)
+                              records=records.setdefault(VISION, []), track_alive=track_alive, outputs=image_outs)
         if bridged:
             t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
             t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, image=False)))
@@ -113,7 +114,7 @@ class DualStreamModel(TrimModel):
         # towers' trimmers left (that would hide the towers' savings from the cross layers).
         full_t = full_text.to(t.x.dtype)
         full_v = float(cfg.vision.num_tokens)
-        rec_t, rec_v = records.setdefault("cross_text", []), records.setdefault("cross_image", [])
+        rec_t, rec_v = records.setdefault(CROSS_TEXT, []), records.setdefault(CROSS_IMAGE, [])
         for j, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers)):
             if j > 0 and cfg.bridge_layers:
                 uni = cfg.bridge_layers[j]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from trim.models.base import TrimModel
+from trim.models.streams import VILT
 from trim.models.config import ModelConfig
 from trim.models.heads import Pooler, make_head
 from trim.models.towers import PatchEmbed, TextEmbeddings, make_trimmers
@@ -61,6 +62,6 @@ class ViltModel(TrimModel):
         protect[:, nt + 1:] = False
         segment = torch.cat([torch.full((b, nt), TEXT), torch.full((b, ni), IMAGE)], 1).to(x.device)
         tokens = start_tokens(x, mode, valid=valid, protect=protect & valid, segment=segment)
-        tokens = self.stack(tokens, mode=mode, tau=tau, meter=meter, records=records.setdefault("vilt", []),
+        tokens = self.stack(tokens, mode=mode, tau=tau, meter=meter, records=records.setdefault(VILT, []),
                             condition=self._condition, track_alive=track_alive)
         return self.pooler(self.norm(tokens.x))
