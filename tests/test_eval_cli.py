@@ -190,3 +190,91 @@ def test_wrong_task_and_lost_samples_fail(vqa_ckpt, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "EvalError" in err and f"records {N_VAL}" in err
     assert not (tmp_path / "o" / "eval" / "vqa.json").exists()
+
+
+# ----------------------------------------------------------------------------- errors before any work
+
+
+def _fails_with_one_line(argv: list[str], capsys) -> str:
+    """`trim eval` returns 1 and prints one `trim eval: <Error>: ...` line, no traceback."""
+    assert eval_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("trim eval: ")
+    return err
+
+
+def test_unwritable_out_fails_before_loading_anything(vqa_ckpt, data, tmp_path, capsys, monkeypatch):
+    import trim.eval.evaluate as evaluate_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded although --out cannot be written")
+
+    monkeypatch.setattr(evaluate_module, "load_model", never)
+    monkeypatch.setattr(evaluate_module, "read_split", never)
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file, not a folder")
+    out = afile / "out"  # under a regular file: unwritable even as root
+    err = _fails_with_one_line([str(vqa_ckpt), "--task", "vqa", "--data", str(data), "--out", str(out), "--quiet"],
+                               capsys)
+    assert "OutputError" in err and f"--out {out}" in err and f"{afile} is a file" in err
+    assert not (out / "eval" / "vqa.json").exists() and afile.is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write to a read-only folder")
+def test_read_only_out_fails_before_loading_anything(vqa_ckpt, data, tmp_path, capsys, monkeypatch):
+    import trim.eval.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = _fails_with_one_line([str(vqa_ckpt), "--task", "vqa", "--data", str(data), "--out", str(locked),
+                                    "--quiet"], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert "OutputError" in err and f"{locked} is not writable" in err
+
+
+def _corrupt_copy(vqa_ckpt: Path, tmp_path: Path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(vqa_ckpt, ckpt, ignore=shutil.ignore_patterns("eval"))
+    return ckpt
+
+
+def _eval_args(ckpt: Path, data: Path, tmp_path: Path) -> list[str]:
+    return [str(ckpt), "--task", "vqa", "--data", str(data), "--out", str(tmp_path / "o"), "--quiet", "--no-speed"]
+
+
+def test_config_not_json_names_the_file(vqa_ckpt, data, tmp_path, capsys):
+    ckpt = _corrupt_copy(vqa_ckpt, tmp_path)
+    (ckpt / "config.json").write_text('{"model": {"family": "dual",')  # cut short
+    err = _fails_with_one_line(_eval_args(ckpt, data, tmp_path), capsys)
+    assert "CheckpointError" in err and str(ckpt / "config.json") in err and "not readable JSON" in err
+
+
+def test_config_not_matching_the_weights_names_the_file(vqa_ckpt, data, tmp_path, capsys):
+    ckpt = _corrupt_copy(vqa_ckpt, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["vision"]["width"] = 48  # the weights are 32 wide
+    (ckpt / "config.json").write_text(json.dumps(config))
+    err = _fails_with_one_line(_eval_args(ckpt, data, tmp_path), capsys)
+    assert "CheckpointError" in err and str(ckpt / "model.safetensors") in err and "does not fit" in err
+    assert "config and weights" in err
+
+
+def test_truncated_weights_name_the_file(vqa_ckpt, data, tmp_path, capsys):
+    ckpt = _corrupt_copy(vqa_ckpt, tmp_path)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = _fails_with_one_line(_eval_args(ckpt, data, tmp_path), capsys)
+    assert "CheckpointError" in err and str(weights) in err and "truncated" in err
+
+
+def test_latest_naming_a_missing_step_names_the_file(vqa_ckpt, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(vqa_ckpt, run / "step_1", ignore=shutil.ignore_patterns("eval"))
+    (run / "latest").write_text("step_9\n")
+    err = _fails_with_one_line(_eval_args(run, data, tmp_path), capsys)
+    assert "CheckpointError" in err and str(run / "latest") in err and "'step_9'" in err and "does not exist" in err

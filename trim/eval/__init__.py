@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"evaluate": "trim.eval.evaluate", "measure_speed": "trim.eval.evaluate",
+_LAZY = {"evaluate": "trim.eval.evaluate", "measure_speed": "trim.eval.speed",
          "write_report": "trim.eval.report", "load_eval": "trim.eval.report"}
 
 __all__ = sorted(_LAZY)

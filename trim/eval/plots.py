@@ -1,5 +1,8 @@
 """Report figures people look at: accuracy vs speedup, per-sample cost, kept tokens.
 
+`write_eval_figures` draws the figures of one `trim eval` run; `trim eval report` draws
+`plot_pareto`.
+
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly (no
 pyplot), so they never touch the global backend or a display and are safe to make
 from worker processes. Every function writes a PNG to ``path`` (creating its folder)
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +23,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["pareto_front", "plot_pareto", "plot_cost_histogram", "kept_token_overlay", "plot_kept_tokens"]
+__all__ = ["pareto_front", "plot_pareto", "plot_cost_histogram", "kept_token_overlay", "plot_kept_tokens",
+           "write_eval_figures"]
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -216,3 +221,42 @@ def plot_kept_tokens(
     if question:
         fig.suptitle("\n".join(textwrap.wrap(f"Q: {question}", width=30 * n_cols)), fontsize=10)
     return _save(fig, path)
+
+
+def _file_part(value: Any) -> str:
+    """A sample id as a piece of a file name (ids may hold '/', spaces, ...)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value))[:80]
+
+
+def write_eval_figures(
+    out_dir: Path,
+    stem: str,
+    title: str,
+    costs: np.ndarray,
+    difficulty: np.ndarray | None,
+    difficulty_label: str,
+    overlays: Sequence[Any],
+    per_image_names: bool,
+) -> list[str]:
+    """The figures of one `trim eval` run; returns the file names written into ``out_dir``.
+
+    ``<stem>_cost_histogram.png`` (with the cost-vs-difficulty panel when ``difficulty`` is
+    given) and one ``<stem>_kept_tokens_<id>[_image<k>].png`` per image of each overlay
+    (``id``, ``text``, ``prediction``, ``image`` (images, H, W, 3), ``masks`` image index ->
+    layer -> (g, g) bool, as `trim.eval.collect.KeptFigure`). ``per_image_names`` adds the
+    ``_image<k>`` suffix (NLVR2's image pairs).
+    """
+    written = []
+    if len(costs):
+        path = plot_cost_histogram(costs, out_dir / f"{stem}_cost_histogram.png", title=f"{title}: per-sample cost",
+                                   difficulty=difficulty, difficulty_label=difficulty_label or "difficulty",
+                                   cost_label="cost ratio (FLOPs trimmed / full, padding counted)")
+        written.append(path.name)
+    for fig in overlays:
+        for image_index, masks in sorted(fig.masks.items()):
+            suffix = f"_image{image_index}" if per_image_names else ""
+            path = plot_kept_tokens(fig.image[image_index], masks,
+                                    out_dir / f"{stem}_kept_tokens_{_file_part(fig.id)}{suffix}.png",
+                                    question=f"{fig.text}  (predicted: {fig.prediction})")
+            written.append(path.name)
+    return written

@@ -25,7 +25,7 @@ class ReportError(TrimError):
 
 
 def load_eval(path: str | os.PathLike) -> dict[str, Any]:
-    from trim.eval.evaluate import EVAL_FORMAT
+    from trim.eval.result import EVAL_FORMAT
 
     path = Path(path)
     if not path.is_file():

@@ -2,7 +2,8 @@
 
 Candidates are timed in the same run on the same inputs, interleaved (full, trimmed, full,
 trimmed, ...) so that drift in machine load hits them alike, after warm-up, and each is
-summarised by the median of its repeats.
+summarised by the median of its repeats. `time_interleaved` is the one timing loop: `trim eval`
+(`measure_speed`), `trim bench core` and `trim bench CHECKPOINT` all use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,3 +42,39 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], *, warmup: int
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def measure_speed(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, *, warmup: int,
+                  repeats: int) -> dict[str, Any]:
+    """Full (trim="off") vs trimmed (trim="eval") wall clock on ``batch`` (throughput) and on
+    its first sample (latency), as `trim eval` reports them."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    result: dict[str, Any] = {
+        "method": (f"same weights and inputs, trim='off' (full) and trim='eval' (trimmed) called alternately by "
+                   f"trim.eval.speed.time_interleaved after {warmup} warm-up calls each; median of {repeats} "
+                   "repeats. Fixed batch: the first batch of the set read by rank 0; latency uses its first sample"),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+    }
+    one = {k: v[:1] for k, v in batch.items()}
+    for name, inputs in (("throughput", batch), ("latency", one)):
+        times = time_interleaved({"full": lambda x=inputs: model(x, trim="off"),
+                                  "trimmed": lambda x=inputs: model(x, trim="eval")},
+                                 warmup=warmup, repeats=repeats, device=device)
+        result[name] = _speed_entry(name, model, inputs, times)
+    return result
+
+
+def _speed_entry(name: str, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                 times: dict[str, list[float]]) -> dict[str, Any]:
+    full, trimmed = median(times["full"]), median(times["trimmed"])
+    with torch.inference_mode():
+        ratio = float(model(inputs, trim="eval").cost_ratio.float().mean())
+    n = int(inputs["pixel_values"].shape[0])
+    entry: dict[str, Any] = {"batch_size": n, "cost_ratio": round(ratio, 4), "speedup": round(full / trimmed, 4)}
+    if name == "throughput":
+        entry |= {"trimmed_samples_per_s": round(n / trimmed, 2), "full_samples_per_s": round(n / full, 2)}
+    else:
+        entry |= {"trimmed_ms": round(1e3 * trimmed, 3), "full_ms": round(1e3 * full, 3)}
+    entry["seconds"] = {"trimmed": [round(t, 6) for t in times["trimmed"]], "full": [round(t, 6) for t in times["full"]]}
+    return entry

@@ -91,10 +91,12 @@ def identity_mean(x: Tensor) -> Tensor:
 
 def kept_counts(records: dict[str, list]) -> dict[str, float]:
     """Mean kept tokens / heads per stream over layers and samples (NLVR2's two images merged)."""
+    from trim.models.streams import split_record_name  # imported here: this function is all that needs it
+
     tokens: dict[str, list[Tensor]] = {}
     heads: dict[str, list[Tensor]] = {}
-    for stream, layers in records.items():
-        base = stream.split("/image")[0]
+    for name, layers in records.items():
+        base, _ = split_record_name(name)
         for rec in layers:
             tokens.setdefault(base, []).append(rec.tokens.float().mean())
             heads.setdefault(base, []).append(rec.heads.float().mean())

@@ -1,0 +1,88 @@
+"""The ``eval/<stem>.json`` record of one evaluation (format ``trim-eval/1``, docs/evaluation.md) and the
+lines `trim eval` prints about it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trim.eval.scores import Scores
+from trim.eval.split import EvalSplit
+from trim.eval.stats import KEPT_NOTE, cost_summary, kept_summary
+
+EVAL_FORMAT = "trim-eval/1"
+
+
+def run_name(recipe: dict[str, Any], ckpt: Path) -> str:
+    """The recipe's name, else the run folder of a step_* checkpoint, else the checkpoint folder."""
+    return str(recipe.get("name") or (ckpt.parent.name if ckpt.name.startswith("step_") else ckpt.name))
+
+
+def _run(recipe: dict[str, Any]) -> dict[str, Any]:
+    objective = recipe.get("objective") or {}
+    method = objective.get("method")
+    # A plain fine-tuning run carries the recipe's default target, which means nothing there.
+    return {"method": method, "target": objective.get("target") if method not in (None, "none") else None}
+
+
+def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
+                 complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
+                 predictions_file: str, figures: list[str], seconds: float) -> dict[str, Any]:
+    cfg, n = model_config, len(merged["ids"])
+    return {
+        "format": EVAL_FORMAT,
+        "name": run_name(recipe, ckpt),
+        "task": split.task,
+        "split": split.name,
+        "checkpoint": str(ckpt.resolve()),
+        "data": str(split.root.resolve()),
+        "run": _run(recipe),
+        "model": {"family": cfg.family, "image_size": cfg.vision.image_size, "num_labels": cfg.num_labels,
+                  "trim": cfg.to_dict()["trim"]},
+        "samples": n,
+        "manifest_samples": split.expected,
+        "complete": complete and n == split.expected,
+        "duplicates_dropped": merged["duplicates"],
+        "reading": merged["stats"],
+        "processes": processes,
+        "batch_size": batch_size,
+        "max_text_len": split.max_text_len,
+        "trim": "eval",
+        "accuracy": None if scores.accuracy is None else round(float(scores.accuracy), 4),
+        "accuracy_name": "VQA accuracy (%)" if split.task == "vqa" else "NLVR2 accuracy (%)",
+        "metrics": scores.metrics,
+        "cost_ratio": cost_summary(merged["cost"]),
+        "kept": kept_summary(cfg.trim, merged),
+        "kept_note": KEPT_NOTE,
+        "speed": speed,
+        "speedup": speed["throughput"]["speedup"] if speed else None,
+        "exports": {"predictions": predictions_file},
+        "figures": figures,
+        "eval_seconds": round(seconds, 2),
+    }
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The lines `trim eval` prints."""
+    lines = [f"{result['name']}: {result['task']}/{result['split']}, {result['samples']} samples "
+             f"({'whole split' if result['complete'] else 'subset'}), {result['processes']} process(es)"]
+    m = result["metrics"]
+    if m is None:
+        lines.append("metrics: none (the split has no answers/labels); submit the predictions file")
+    elif result["task"] == "vqa":
+        per_type = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m["perAnswerType"].items()))
+        lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type})")
+    else:
+        lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
+    c = result["cost_ratio"]
+    lines.append(f"cost ratio mean {c['mean']:.3f} (median {c['median']:.3f}, min {c['min']:.3f}, max {c['max']:.3f})")
+    s = result["speed"]
+    if s:
+        t, lat = s["throughput"], s["latency"]
+        lines.append(f"throughput @ batch {t['batch_size']}: trimmed {t['trimmed_samples_per_s']:.1f} vs full "
+                     f"{t['full_samples_per_s']:.1f} samples/s = {t['speedup']:.2f}x; latency @ batch 1: trimmed "
+                     f"{lat['trimmed_ms']:.2f} vs full {lat['full_ms']:.2f} ms = {lat['speedup']:.2f}x "
+                     f"({s['device']}, median of {s['repeats']})")
+    lines.append(f"wrote {result['path']} (+ {result['exports']['predictions']}, {len(result['figures'])} figures) "
+                 f"in {result['eval_seconds']:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The official metrics of a merged pass, its headline accuracy, and each sample's difficulty.
+
+Difficulty (larger = harder) is the x axis of the cost-vs-difficulty panel: VQA uses
+1 - the VQA accuracy of the prediction, NLVR2 the trimmed model's cross-entropy of the label.
+It exists only when every sample has answers / a label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Scores:
+    metrics: dict[str, Any] | None = None  # None: the split has no answers / labels (test)
+    accuracy: float | None = None  # headline, percent
+    difficulty: np.ndarray | None = None
+    difficulty_label: str = ""
+
+
+def score(task: str, merged: dict[str, Any]) -> Scores:
+    return _vqa(merged) if task == "vqa" else _nlvr2(merged)
+
+
+def _vqa(merged: dict[str, Any]) -> Scores:
+    from trim.eval.metrics import vqa_accuracy
+
+    ids, predictions = merged["ids"], merged["predictions"]
+    questions = [{"question_id": q, "answers": a, "answer_type": at, "question_type": qt}
+                 for q, a, at, qt in zip(ids, merged["answers"], merged["answer_type"], merged["question_type"]) if a]
+    if not questions:
+        return Scores()
+    answered = {q["question_id"] for q in questions}
+    result = vqa_accuracy({q: p for q, p in zip(ids, predictions) if q in answered}, questions)
+    per_question = result.pop("per_question")
+    difficulty = None
+    if len(questions) == len(ids):
+        difficulty = np.array([1.0 - per_question[q] / 100.0 for q in ids])
+    return Scores(result, result["overall"], difficulty, "1 - VQA accuracy of the prediction")
+
+
+def _nlvr2(merged: dict[str, Any]) -> Scores:
+    from trim.eval.metrics import nlvr2_metrics
+
+    ids = merged["ids"]
+    labels = {i: bool(lab) for i, lab in zip(ids, merged["label"]) if lab >= 0}
+    if not labels:
+        return Scores()
+    result = nlvr2_metrics(dict(zip(ids, merged["predictions"])), labels)
+    difficulty = np.array(merged["loss"], dtype=np.float64) if len(labels) == len(ids) else None
+    return Scores(result, 100.0 * result["accuracy"], difficulty, "cross-entropy of the label (trimmed model)")
