@@ -194,7 +194,8 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> TrimM
     """Rebuild a model from a trim model directory, with no other input."""
     directory = Path(directory)
     model = create_model(read_model_config(directory))
-    load_weights(model, read_weights(directory / WEIGHTS_NAME, map_location), source=str(directory / WEIGHTS_NAME))
+    weights = directory / WEIGHTS_NAME
+    load_weights(model, read_weights(weights, map_location), source=f"{weights} (built from {directory / CONFIG_NAME})")
     return model
 
 
