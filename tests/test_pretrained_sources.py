@@ -125,7 +125,7 @@ def test_corrupt_checkpoints_give_one_clear_error(tmp_path):
     (step / "model.safetensors").write_bytes(weights)
     config = (step / "config.json").read_text()
     (step / "config.json").write_text(config.replace('"width": 32', '"width": 48', 1))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the model: .*another shape"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors \(built from .*config\.json\) does not fit the model: .*another shape"):
         load_model(step)
     (step / "config.json").write_text(config[:-20])
     with pytest.raises(CheckpointError, match=r"step_2/config\.json is not readable JSON"):
