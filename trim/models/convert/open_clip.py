@@ -92,9 +92,9 @@ def _activation(module: nn.Module, where: str) -> str:
 
 
 def mlp_ratio(width: int, hidden: int) -> float:
-    """A ratio r with int(width * r) == hidden, as trim's blocks size their MLP."""
-    r = hidden / width
-    return r if int(width * r) == hidden else (hidden + 0.5) / width
+    """A ratio with int(width * ratio) == hidden, as trim's blocks size their MLP."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
 def _square(value: Any, what: str, where: str) -> int:
