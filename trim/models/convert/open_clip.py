@@ -50,8 +50,10 @@ from torch import Tensor, nn
 from trim.errors import CheckpointError, ConfigError
 from trim.models.clip_text import ClipTextConfig, ClipTextTower
 from trim.models.config import ModelConfig, TrimConfig, VisionConfig, from_dict
+from trim.models.convert.common import square_size
 from trim.models.io import load_weights, trimmer_keys
 from trim.models.towers import VisionTower
+from trim.nn.mlp import ACTIVATIONS
 from trim.prune import CostMeter, LayerRecord, start_tokens
 
 PREFIX = "open_clip:"
@@ -88,21 +90,13 @@ def _activation(module: nn.Module, where: str) -> str:
     if isinstance(module, nn.ReLU):
         return "relu"
     raise ConfigError(f"{where}: activation {type(module).__name__} has no trim equivalent "
-                      f"(trim.nn.mlp.ACTIVATIONS: gelu, gelu_tanh, quick_gelu, relu)")
+                      f"(trim.nn.mlp.ACTIVATIONS: {', '.join(sorted(ACTIVATIONS))})")
 
 
 def mlp_ratio(width: int, hidden: int) -> float:
     """A ratio with int(width * ratio) == hidden, as trim's blocks size their MLP."""
     ratio = hidden / width
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
-
-
-def _square(value: Any, what: str, where: str) -> int:
-    a, b = (value, value) if isinstance(value, int) else tuple(value)
-    if a != b:
-        raise ConfigError(f"{where}: {what}={tuple(value)} is not square; trim's PatchEmbed takes square "
-                          f"images and patches (force a square image_size in open_clip)")
-    return int(a)
 
 
 def _eps(norms: list[nn.Module], where: str) -> float:
@@ -181,8 +175,8 @@ def vision_tower_from_open_clip(visual: nn.Module) -> tuple[VisionConfig, dict[s
         raise ConfigError(f"{where}.pool_type={visual.pool_type!r}; trim converts 'tok' and 'avg' pooling")
     blocks = _blocks(visual.transformer, f"{where}.transformer")
     conv = visual.conv1
-    image_size = _square(visual.image_size, "image_size", where)
-    patch = _square(visual.patch_size, "patch_size", where)
+    image_size = square_size(visual.image_size, f"{where}.image_size")
+    patch = square_size(visual.patch_size, f"{where}.patch_size")
     width = conv.out_channels
     norms = [visual.ln_pre, visual.ln_post] + [n for b in blocks for n in (b.ln_1, b.ln_2)]
     cfg = VisionConfig(
