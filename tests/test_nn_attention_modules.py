@@ -73,7 +73,9 @@ def test_forward_hooks_fire_on_every_projection(family, trim):
     model, calls = make(family), {}
     randomise_trimmers(model)
     for name, attn, proj in projections(model):
-        getattr(attn, proj).register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        def count(module, inputs, output, name=name):
+            calls[name] = calls.get(name, 0) + 1
+        getattr(attn, proj).register_forward_hook(count)
     with torch.no_grad():
         model(batch(), trim=trim)
     names = [name for name, _, _ in projections(model)]

@@ -25,7 +25,7 @@ adding its low-rank path; SSF) takes effect with no special case here.
 Physical head slicing (``heads`` given) is the one exception to "any module will do": it
 computes only the kept heads' rows of q/k/v and columns of the output projection, which a
 `SliceableLinear` does inside its own forward. An adapter's extra path does not know about
-heads, so slicing through it would silently drop or misalign the adapter's contribution.
+heads, so slicing through it would drop the adapter's contribution or fail on shapes.
 Slicing therefore needs plain `SliceableLinear` projections: merge adapters into the weights
 first (trim's adapters are mergeable by design); `Attention` raises a `TypeError` naming the
 projection otherwise. The masked layouts (``head_mask`` without ``heads``) work with any
