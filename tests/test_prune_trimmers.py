@@ -39,8 +39,8 @@ def test_special_tokens_and_padding_are_never_pruned():
     protect[0, 11] = True  # an EOS
     for physical in (False, True):
         tokens = TokenSet.start(x, valid=valid, protect=protect, physical=physical, soft=False)
-        for mode in ("hard", "gumbel"):
-            decision, _ = trimmer(tokens, mode=mode)
+        for how in ("threshold", "sample"):
+            decision, _ = trimmer(tokens, decision=how)
             assert decision.bool()[tokens.protect].all(), "special tokens must be kept"
             assert decision.bool()[~tokens.keep.bool()].all(), "padding is left to its own mask"
             pruned = tokens.prune(decision)

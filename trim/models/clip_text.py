@@ -107,7 +107,8 @@ class ClipTextTower(nn.Module):
         if n > self.cfg.context_length:
             raise ValueError(f"text of {n} tokens exceeds the CLIP context_length={self.cfg.context_length}; "
                              f"tokenize with context_length={self.cfg.context_length}")
-        x = self.token_embedding(input_ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(input_ids)
+        x = x + self.positional_embedding[:n].to(x.dtype)
         at = self.pool_index(input_ids)
         rows = torch.arange(b, device=input_ids.device)
         protect = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)

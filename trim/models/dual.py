@@ -67,14 +67,19 @@ class DualStreamModel(TrimModel):
         group = self.cross_trimmers[name]
         return group[str(layer)] if str(layer) in group else None
 
+    def _type_embedding(self, like: Tensor, image: bool) -> Tensor:
+        """The text (0) or image (1) token-type embedding, (D,), through the Embedding's forward
+        (so hooks and ZeRO-3 see the read)."""
+        return self.token_type_embeddings(torch.tensor(int(image), device=like.device))
+
     def _bridge(self, uni: TokenSet, stream: TokenSet, image: bool) -> Tensor:
         """A uni-modal layer's output at the cross stream's tokens, projected to the cross width."""
         x = uni.restore()
         if stream.physical:
             x = gather_tokens(x, stream.index)
         if image:
-            return self.image_transform(self.vision.ln_post(x)) + self.token_type_embeddings.weight[1]
-        return self.text_transform(x) + self.token_type_embeddings.weight[0]
+            return self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True)
+        return self.text_transform(x) + self._type_embedding(x, image=False)
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
@@ -95,8 +100,8 @@ class DualStreamModel(TrimModel):
             t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, image=False)))
             v = v0.project(lambda _: self.image_input_norm(self._bridge(v0, v0, image=True)))
         else:
-            t = t.project(lambda x: self.text_transform(x) + self.token_type_embeddings.weight[0])
-            v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self.token_type_embeddings.weight[1])
+            t = t.project(lambda x: self.text_transform(x) + self._type_embedding(x, image=False))
+            v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True))
         t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
                            text_outs=text_outs, image_outs=image_outs, full_text=attention_mask.sum(1))
         return self.pooled(t.x, v.x)

@@ -52,8 +52,10 @@ class ViltModel(TrimModel):
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
                image_index: int = 0) -> Tensor:
-        text = self.text_embeddings(input_ids) + self.modality_embeddings.weight[0]
-        image = self.patch_embed(pixels) + self.modality_embeddings.weight[1 + image_index]
+        # Modality rows through the Embedding's forward (not .weight[i]) so hooks and ZeRO-3 see the read.
+        modality = self.modality_embeddings(torch.tensor([0, 1 + image_index], device=input_ids.device))
+        text = self.text_embeddings(input_ids) + modality[0]
+        image = self.patch_embed(pixels) + modality[1]
         b, nt, ni = text.shape[0], text.shape[1], image.shape[1]
         x = torch.cat([text, image], 1)
         valid = torch.cat([attention_mask.bool(), torch.ones(b, ni, dtype=torch.bool, device=x.device)], 1)

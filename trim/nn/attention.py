@@ -16,6 +16,20 @@ Everything a pruning method needs is an argument of `Attention.forward`:
   with ``heads`` like the heads themselves.
 * ``query_index`` (B, Nq'): compute outputs only for these query tokens (big.LITTLE P-block,
   semi-cross attention: a subset of tokens attends to all tokens).
+
+The projections are modules and attention calls them (``self.qkv(x)``, ``self.proj(out)``),
+so forward hooks fire, ZeRO-3 gathers each projection's parameters in that projection's own
+forward, and an adapter that wraps a projection (LoRA: a module holding ``base_layer`` and
+adding its low-rank path; SSF) takes effect with no special case here.
+
+Physical head slicing (``heads`` given) is the one exception to "any module will do": it
+computes only the kept heads' rows of q/k/v and columns of the output projection, which a
+`SliceableLinear` does inside its own forward. An adapter's extra path does not know about
+heads, so slicing through it would drop the adapter's contribution or fail on shapes.
+Slicing therefore needs plain `SliceableLinear` projections: merge adapters into the weights
+first (trim's adapters are mergeable by design); `Attention` raises a `TypeError` naming the
+projection otherwise. The masked layouts (``head_mask`` without ``heads``) work with any
+projection module.
 """
 
 from __future__ import annotations
@@ -29,6 +43,25 @@ def head_rows(heads: Tensor, head_dim: int) -> Tensor:
     """Row indices of the given heads in a (H * head_dim, ...) projection weight."""
     offsets = torch.arange(head_dim, device=heads.device)
     return (heads[:, None] * head_dim + offsets).reshape(-1)
+
+
+class SliceableLinear(nn.Linear):
+    """An `nn.Linear` that can also run on a subset of its output rows or input columns.
+
+    ``layer(x)`` is exactly ``nn.Linear``. ``layer(x, rows=r)`` computes only output features
+    ``r`` (``x @ W[r].T + b[r]``); ``layer(x, cols=c)`` reads only input features ``c``
+    (``x @ W[:, c].T + b``). The slicing happens inside this module's forward, so hooks and
+    ZeRO-3's parameter gathering see every read of the weights.
+    """
+
+    def forward(self, x: Tensor, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        w, b = self.weight, self.bias
+        if rows is not None:
+            w = w.index_select(0, rows)
+            b = None if b is None else b.index_select(0, rows)
+        if cols is not None:
+            w = w.index_select(1, cols)
+        return F.linear(x, w, b)
 
 
 class Attention(nn.Module):
@@ -57,31 +90,33 @@ class Attention(nn.Module):
         self.fused_qkv = fused_qkv and not self.is_cross
         self.scale = self.head_dim**-0.5
         if self.fused_qkv:
-            self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
+            self.qkv = SliceableLinear(dim, 3 * self.inner_dim, bias=qkv_bias)
         else:
-            self.q_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
-            self.k_proj = nn.Linear(self.kv_dim, self.inner_dim, bias=qkv_bias)
-            self.v_proj = nn.Linear(self.kv_dim, self.inner_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.inner_dim, dim, bias=out_bias)
+            self.q_proj = SliceableLinear(dim, self.inner_dim, bias=qkv_bias)
+            self.k_proj = SliceableLinear(self.kv_dim, self.inner_dim, bias=qkv_bias)
+            self.v_proj = SliceableLinear(self.kv_dim, self.inner_dim, bias=qkv_bias)
+        self.proj = SliceableLinear(self.inner_dim, dim, bias=out_bias)
 
     # -- projections -------------------------------------------------------------------
+    def _linear(self, name: str, x: Tensor, *, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        """Call projection ``name``; with ``rows`` / ``cols`` (physical head slicing) only a plain one."""
+        layer = getattr(self, name)
+        if rows is None and cols is None:
+            return layer(x)
+        if not isinstance(layer, SliceableLinear) or type(layer).forward is not SliceableLinear.forward:
+            raise TypeError(f"physical head slicing (heads=...) computes only the kept heads of {name}, but {name} is "
+                            f"a {type(layer).__name__}, not a plain SliceableLinear (an adapter around it?): merge "
+                            f"the adapter into the weights first, or run without head slicing (trim='masked')")
+        return layer(x, rows=rows, cols=cols)
+
     def _project(self, x: Tensor, context: Tensor, heads: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         rows = None if heads is None else head_rows(heads, self.head_dim)
         if self.fused_qkv:
-            w, b = self.qkv.weight, self.qkv.bias
             if rows is not None:
-                all_rows = torch.cat([rows, rows + self.inner_dim, rows + 2 * self.inner_dim])
-                w = w.index_select(0, all_rows)
-                b = None if b is None else b.index_select(0, all_rows)
-            return F.linear(x, w, b).chunk(3, dim=-1)
-        out = []
-        for lin, inp in ((self.q_proj, x), (self.k_proj, context), (self.v_proj, context)):
-            w, b = lin.weight, lin.bias
-            if rows is not None:
-                w = w.index_select(0, rows)
-                b = None if b is None else b.index_select(0, rows)
-            out.append(F.linear(inp, w, b))
-        return tuple(out)  # type: ignore[return-value]
+                rows = torch.cat([rows, rows + self.inner_dim, rows + 2 * self.inner_dim])
+            return self._linear("qkv", x, rows=rows).chunk(3, dim=-1)
+        return (self._linear("q_proj", x, rows=rows), self._linear("k_proj", context, rows=rows),
+                self._linear("v_proj", context, rows=rows))
 
     def _split_heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
@@ -132,10 +167,7 @@ class Attention(nn.Module):
             hm = head_mask if heads is None else head_mask.index_select(1, heads)
             out = out * hm[:, :, None, None].to(out.dtype)
         out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-        w, b = self.proj.weight, self.proj.bias
-        if heads is not None:
-            w = w.index_select(1, head_rows(heads, self.head_dim))
-        return F.linear(out, w, b)
+        return self._linear("proj", out, cols=None if heads is None else head_rows(heads, self.head_dim))
 
     def _soft_masked_attention(
         self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attn_bias: Tensor | None

@@ -57,17 +57,17 @@ def block_flops(block: nn.Module, n: Count, heads: Count | None = None, *,
 
 
 def token_trimmer_flops(trimmer: TokenTrimmer, n: Count) -> Count:
-    r = trimmer.local.out_features
-    per_sample = 2 * trimmer.glob.in_features * r
+    hidden = trimmer.local.out_features
+    per_sample = 2 * trimmer.global_proj.in_features * hidden
     if trimmer.cross is not None:
-        per_sample += 2 * trimmer.cross.in_features * r
-    return n * (2 * trimmer.local.in_features * r + 2 * r) + per_sample
+        per_sample += 2 * trimmer.cross.in_features * hidden
+    return n * (2 * trimmer.local.in_features * hidden + 2 * hidden) + per_sample
 
 
 def head_trimmer_flops(trimmer: HeadTrimmer) -> int:
-    r = trimmer.glob.out_features
-    cross = 2 * trimmer.cross.in_features * r if trimmer.cross is not None else 0
-    return 2 * trimmer.glob.in_features * r + cross + 2 * r * trimmer.num_heads
+    hidden = trimmer.global_proj.out_features
+    cross = 2 * trimmer.cross.in_features * hidden if trimmer.cross is not None else 0
+    return 2 * trimmer.global_proj.in_features * hidden + cross + 2 * hidden * trimmer.num_heads
 
 
 @dataclass

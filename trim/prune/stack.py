@@ -35,8 +35,10 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def decision_mode(mode: str) -> str:
-    return "gumbel" if mode == "train" else "hard"
+def trimmer_decision(mode: str) -> str:
+    """How trimmers decide in trimming mode ``mode``: Gumbel samples with straight-through
+    gradients in ``train``, a deterministic threshold in every other mode."""
+    return "sample" if mode == "train" else "threshold"
 
 
 @dataclass
@@ -78,7 +80,7 @@ def trim_tokens(trimmer: TokenTrimmer | None, tokens: TokenSet, mode: str, *, ta
     """Apply one layer's token trimmer (or nothing) in the given trimming mode."""
     if trimmer is None or mode == "off":
         return TokenStep(tokens, None, 0.0)
-    decision, prob = trimmer(tokens, other, own=own, mode=decision_mode(mode), tau=tau)
+    decision, prob = trimmer(tokens, other, own=own, decision=trimmer_decision(mode), tau=tau)
     overhead = token_trimmer_flops(trimmer, tokens.kept_counts().detach())
     expected = expected_tokens(tokens, prob) if mode == "train" else None
     return TokenStep(tokens.prune(decision), expected, overhead)
@@ -98,7 +100,7 @@ def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode
     """Apply one attention layer's head trimmer (or nothing) in the given trimming mode."""
     if trimmer is None or mode == "off":
         return HeadStep(None, None, None, torch.full((pooled.shape[0],), float(num_heads), device=pooled.device), 0.0)
-    mask, prob = trimmer(pooled, other, mode=decision_mode(mode), tau=tau)
+    mask, prob = trimmer(pooled, other, decision=trimmer_decision(mode), tau=tau)
     heads, cost = None, None
     if mode == "train":
         cost = prob.sum(1)

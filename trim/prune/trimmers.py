@@ -1,13 +1,20 @@
 """SmartTrim's trimmers: which tokens and which heads this input needs.
 
-`TokenTrimmer` scores every token from three views, each projected to a small width r:
-the token itself (local), the mean of its own modality's alive tokens (global), and the
-pooled feature of the *other* modality (cross-modal). The sum goes through GELU and a
-small MLP to one keep logit per token, so the same image patch can be kept for one
-question and dropped for another.
+`TokenTrimmer` scores every token from three views, each projected to a small width
+``hidden``: the token itself (``local``), the mean of its own modality's alive tokens
+(``global_proj``), and the pooled feature of the *other* modality (``cross``). The sum goes
+through GELU and a small MLP to one keep logit per token, so the same image patch can be
+kept for one question and dropped for another.
 
 `HeadTrimmer` maps the modality's global feature (and, for cross-attention, the other
 modality's pooled feature) to one keep logit per head.
+
+How a keep probability becomes a decision is the ``decision`` argument:
+
+* ``"sample"``: a Gumbel-sigmoid sample, returned as float 0/1 with straight-through
+  gradients (what the models' ``trim="train"`` uses);
+* ``"threshold"``: keep where the probability exceeds 1/2, deterministic (every other
+  trimming mode).
 
 Both start as no-ops (design invariant 3): the last layer's weights are zero and its bias
 is ``init_logit`` > 0, so every token and head is kept until training says otherwise.
@@ -23,12 +30,17 @@ from torch import Tensor, nn
 from trim.nn.tokens import TokenSet
 from trim.prune.gumbel import deterministic, gumbel_sigmoid, straight_through
 
-MODES = ("gumbel", "hard")
+DECISIONS = ("sample", "threshold")
 
 
-def _keep_all_head(layer: nn.Linear, init_logit: float) -> None:
+def _init_keep_all_output(layer: nn.Linear, init_logit: float) -> None:
     nn.init.zeros_(layer.weight)
     nn.init.constant_(layer.bias, init_logit)
+
+
+def _check_decision(decision: str) -> None:
+    if decision not in DECISIONS:
+        raise ValueError(f"decision={decision!r}; choose one of {DECISIONS}")
 
 
 def _forced_topk(logits: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
@@ -44,21 +56,21 @@ class TokenTrimmer(nn.Module):
     def __init__(self, dim: int, other_dim: int | None = None, *, hidden: int | None = None,
                  min_keep: int = 1, init_logit: float = 3.0) -> None:
         super().__init__()
-        r = hidden or max(dim // 8, 16)
-        self.local = nn.Linear(dim, r)
-        self.glob = nn.Linear(dim, r, bias=False)
-        self.cross = nn.Linear(other_dim, r, bias=False) if other_dim else None
-        self.norm = nn.LayerNorm(r)
+        hidden = hidden or max(dim // 8, 16)
+        self.local = nn.Linear(dim, hidden)
+        self.global_proj = nn.Linear(dim, hidden, bias=False)
+        self.cross = nn.Linear(other_dim, hidden, bias=False) if other_dim else None
+        self.norm = nn.LayerNorm(hidden)
         self.act = nn.GELU()
-        self.out = nn.Linear(r, 1)
-        _keep_all_head(self.out, init_logit)
+        self.out = nn.Linear(hidden, 1)
+        _init_keep_all_output(self.out, init_logit)
         self.min_keep = min_keep
         # Benchmarks and static baselines: keep exactly this fraction of prunable tokens.
         self.forced_ratio: float | None = None
 
     def logits(self, tokens: TokenSet, other: Tensor | None = None, own: Tensor | None = None) -> Tensor:
         own = tokens.mean() if own is None else own
-        h = self.local(tokens.x) + self.glob(own)[:, None]
+        h = self.local(tokens.x) + self.global_proj(own)[:, None]
         if self.cross is not None:
             if other is None:
                 raise ValueError("this TokenTrimmer is cross-modal: pass the other modality's pooled feature")
@@ -66,15 +78,16 @@ class TokenTrimmer(nn.Module):
         return self.out(self.act(self.norm(h))).squeeze(-1)
 
     def forward(self, tokens: TokenSet, other: Tensor | None = None, *, own: Tensor | None = None,
-                mode: str = "hard", tau: float = 1.0) -> tuple[Tensor, Tensor]:
+                decision: str = "threshold", tau: float = 1.0) -> tuple[Tensor, Tensor]:
         """Return (decision (B, N), keep probability (B, N)) over the carried tokens.
 
-        The decision is float 0/1 with straight-through gradients in ``gumbel`` mode and bool
-        in ``hard`` mode. Special tokens are always 1; padding/dropped tokens are left as they
+        The decision is float 0/1 with straight-through gradients for ``decision="sample"``
+        and bool for ``"threshold"``. Special tokens are always 1; padding/dropped tokens are left as they
         are (the TokenSet's mask already excludes them); at least ``min_keep`` prunable tokens
         stay alive per sample. ``own`` overrides the global feature (default: mean of the
         alive tokens), e.g. the mean of the image tokens only in a single-stream model.
         """
+        _check_decision(decision)
         logits = self.logits(tokens, other, own)
         prob = torch.sigmoid(logits)
         alive = tokens.keep.bool()
@@ -84,16 +97,14 @@ class TokenTrimmer(nn.Module):
             k = torch.ceil(prunable.sum(1) * self.forced_ratio).long().clamp_min(min(self.min_keep, 1))
             hard = _forced_topk(logits, prunable, torch.minimum(k, prunable.sum(1)))
         else:
-            sample = gumbel_sigmoid(logits, tau, hard=False) if mode == "gumbel" else None
+            sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
             hard = sample > 0.5 if sample is not None else deterministic(logits)
             floor = torch.clamp(prunable.sum(1), max=self.min_keep)
             hard = hard | _forced_topk(logits, prunable, floor)
         hard = hard | tokens.protect | ~alive  # never prune special tokens; leave padding to its mask
-        if mode == "gumbel":
+        if decision == "sample":
             surrogate = prob if sample is None else sample
             return straight_through(hard, torch.where(prunable, surrogate, torch.ones_like(prob))), prob
-        if mode != "hard":
-            raise ValueError(f"unknown trimming mode {mode!r}; choose one of {MODES}")
         return hard, prob
 
 
@@ -103,27 +114,29 @@ class HeadTrimmer(nn.Module):
     def __init__(self, dim: int, num_heads: int, other_dim: int | None = None, *, hidden: int | None = None,
                  min_keep: int = 1, init_logit: float = 3.0) -> None:
         super().__init__()
-        r = hidden or max(dim // 8, 16)
+        hidden = hidden or max(dim // 8, 16)
         self.num_heads = num_heads
-        self.glob = nn.Linear(dim, r)
-        self.cross = nn.Linear(other_dim, r, bias=False) if other_dim else None
+        self.global_proj = nn.Linear(dim, hidden)
+        self.cross = nn.Linear(other_dim, hidden, bias=False) if other_dim else None
         self.act = nn.GELU()
-        self.out = nn.Linear(r, num_heads)
-        _keep_all_head(self.out, init_logit)
+        self.out = nn.Linear(hidden, num_heads)
+        _init_keep_all_output(self.out, init_logit)
         self.min_keep = min_keep
         self.forced_heads: int | None = None
 
     def logits(self, pooled: Tensor, other: Tensor | None = None) -> Tensor:
-        h = self.glob(pooled)
+        h = self.global_proj(pooled)
         if self.cross is not None:
             if other is None:
                 raise ValueError("this HeadTrimmer conditions on the other modality: pass its pooled feature")
             h = h + self.cross(other)
         return self.out(self.act(h))
 
-    def forward(self, pooled: Tensor, other: Tensor | None = None, *, mode: str = "hard",
+    def forward(self, pooled: Tensor, other: Tensor | None = None, *, decision: str = "threshold",
                 tau: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Return (head mask (B, H) float, keep probability (B, H))."""
+        """Return (head mask (B, H) float, keep probability (B, H)); straight-through for
+        ``decision="sample"``."""
+        _check_decision(decision)
         logits = self.logits(pooled, other)
         prob = torch.sigmoid(logits)
         everything = torch.ones_like(logits, dtype=torch.bool)
@@ -132,10 +145,10 @@ class HeadTrimmer(nn.Module):
         if self.forced_heads is not None:
             k = torch.full((b,), min(self.forced_heads, self.num_heads), device=logits.device)
             return _forced_topk(logits, everything, k).to(logits.dtype), prob
-        sample = gumbel_sigmoid(logits, tau, hard=False) if mode == "gumbel" else None
+        sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
         hard = sample > 0.5 if sample is not None else deterministic(logits)
         hard = hard | _forced_topk(logits, everything, torch.full((b,), self.min_keep, device=logits.device))
-        if mode == "gumbel":
+        if decision == "sample":
             return straight_through(hard, sample), prob
         return hard.to(logits.dtype), prob
 

@@ -79,22 +79,6 @@ def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight
     return out
 
 
-def mark_zero3_leaves(model: torch.nn.Module) -> None:
-    """Let ZeRO-3 gather the model's parameters once per forward/backward instead of module by module.
-
-    ZeRO-3 fetches a module's partitioned parameters in hooks around that module's forward
-    and re-fetches them for backward through hooks on its tensor inputs and outputs. trim's
-    stacks pass `TokenSet`s between modules and the models read some parameters directly
-    (e.g. ``token_type_embeddings.weight[1]``), which those hooks do not see. Marking the
-    whole model a ZeRO-3 "leaf" gathers all its parameters for the forward and backward of a
-    step and partitions them again afterwards: parameters, gradients and optimizer states
-    stay sharded between steps, peak memory holds the full 16-bit weights once.
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    set_z3_leaf_modules(model, [type(model)])
-
-
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
@@ -281,8 +265,6 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=r.train.lr, betas=tuple(r.train.betas), eps=r.train.eps)
         base_lrs = [g["base_lr"] for g in groups]
         group_names = [g["name"] for g in groups]
-        if use_ds and acc.state.deepspeed_plugin.zero_stage == 3:
-            mark_zero3_leaves(model)
         model, optimizer = acc.prepare(model, optimizer)
         unwrapped = acc.unwrap_model(model)
 

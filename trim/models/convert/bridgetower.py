@@ -48,6 +48,8 @@ Settings checked (ConfigError unless noted):
   vision-tower forward returns, which `BridgeTowerModel` does not call. No effect on outputs.
 * vision ``remove_last_layer``: accepted; the vision tower then holds one block fewer, and
   it still needs at least ``L_text`` blocks.
+* a non-square vision ``image_size`` / ``patch_size``: refused (trim's patch embedding is
+  square), naming the setting.
 * ``interpolate_pos_encoding`` (a transformers forward argument): trim's vision tower has a
   fixed input size. Pass ``image_size=`` to convert for another square resolution; the
   position embeddings are then resized once, with the same bicubic interpolation
@@ -84,12 +86,9 @@ from torch import Tensor
 from trim.errors import CheckpointError, ConfigError
 from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig
 from trim.schema import build_dataclass
+from trim.models.convert.common import square_size, transformers_activation
 from trim.models.dual import DualStreamModel
 from trim.models.io import head_keys, load_weights, trimmer_keys
-
-# transformers activation names -> trim's (trim.nn.mlp.ACTIVATIONS)
-ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "relu": "relu"}
 
 # Suffixes of a BERT layer (after ``layer.{i}.``) -> trim block suffixes.
 _TEXT_LAYER = {"attention.self.query.": "attn.q_proj.", "attention.self.key.": "attn.k_proj.",
@@ -189,9 +188,7 @@ def check_supported(hf_config: Any) -> None:
     if text.intermediate_size != 4 * text.hidden_size:
         raise ConfigError(f"text_config.intermediate_size={text.intermediate_size} is not 4 x hidden_size="
                           f"{text.hidden_size}: trim's cross layers have a 4x MLP")
-    if text.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"text_config.hidden_act={text.hidden_act!r} has no trim equivalent; "
-                          f"supported: {sorted(ACTIVATIONS)}")
+    transformers_activation(text.hidden_act, "text_config.hidden_act")
     if text.is_decoder or text.add_cross_attention:
         raise ConfigError("text_config.is_decoder / add_cross_attention: BridgeTower's text tower is an encoder")
     if vision.hidden_size < 64:
@@ -206,10 +203,7 @@ def check_supported(hf_config: Any) -> None:
         raise ConfigError(f"the vision tower has {blocks} blocks (num_hidden_layers={vision.num_hidden_layers}, "
                           f"remove_last_layer={vision.remove_last_layer}) but transformers runs as many vision blocks "
                           f"as text layers ({n_text})")
-    for name in ("image_size", "patch_size"):
-        value = getattr(vision, name)
-        if not isinstance(value, int) and len(set(value)) != 1:
-            raise ConfigError(f"vision_config.{name}={value}: trim's vision tower is square")
+    _grid(hf_config)  # square image and patch sizes
 
 
 def model_config(hf_config: Any, *, task: str, num_labels: int, trim: TrimConfig | None = None,
@@ -217,7 +211,8 @@ def model_config(hf_config: Any, *, task: str, num_labels: int, trim: TrimConfig
     """The trim `ModelConfig` of a (supported) transformers `BridgeTowerConfig`."""
     c, text, vision = hf_config, hf_config.text_config, hf_config.vision_config
     n_text, n_cross = text.num_hidden_layers, c.num_hidden_layers
-    patch, native = _square(vision.patch_size), _square(vision.image_size)
+    patch = square_size(vision.patch_size, "vision_config.patch_size")
+    native = square_size(vision.image_size, "vision_config.image_size")
     size = native if image_size is None else image_size
     if size % patch:
         raise ConfigError(f"image_size={size} is not a multiple of the patch size {patch}")
@@ -230,7 +225,7 @@ def model_config(hf_config: Any, *, task: str, num_labels: int, trim: TrimConfig
         text=TextConfig(vocab_size=text.vocab_size, max_positions=text.max_position_embeddings,
                         type_vocab_size=text.type_vocab_size, width=text.hidden_size, layers=n_text,
                         heads=text.num_attention_heads, mlp_ratio=text.intermediate_size / text.hidden_size,
-                        act=ACTIVATIONS[text.hidden_act], eps=text.layer_norm_eps,
+                        act=transformers_activation(text.hidden_act, "text_config.hidden_act"), eps=text.layer_norm_eps,
                         pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
                         roberta_positions=True),
         cross_layers=n_cross, cross_width=text.hidden_size, cross_heads=text.num_attention_heads,
@@ -281,13 +276,10 @@ def resize_positions(pos: Tensor, old_grid: int, new_grid: int) -> Tensor:
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def _square(value: int | list[int] | tuple[int, ...]) -> int:
-    return value if isinstance(value, int) else int(value[0])
-
-
 def _grid(hf_config: Any) -> int:
     vision = hf_config.vision_config
-    return _square(vision.image_size) // _square(vision.patch_size)
+    return (square_size(vision.image_size, "vision_config.image_size")
+            // square_size(vision.patch_size, "vision_config.patch_size"))
 
 
 def _vision_blocks(vision: Any) -> int:

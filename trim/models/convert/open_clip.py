@@ -51,8 +51,10 @@ from trim.errors import CheckpointError, ConfigError
 from trim.models.clip_text import ClipTextConfig, ClipTextTower
 from trim.models.config import ModelConfig, TrimConfig, VisionConfig
 from trim.schema import build_dataclass
+from trim.models.convert.common import square_size
 from trim.models.io import load_weights, trimmer_keys
 from trim.models.towers import VisionTower
+from trim.nn.mlp import ACTIVATIONS
 from trim.prune import CostMeter, LayerRecord, start_tokens
 
 PREFIX = "open_clip:"
@@ -89,21 +91,13 @@ def _activation(module: nn.Module, where: str) -> str:
     if isinstance(module, nn.ReLU):
         return "relu"
     raise ConfigError(f"{where}: activation {type(module).__name__} has no trim equivalent "
-                      f"(trim.nn.mlp.ACTIVATIONS: gelu, gelu_tanh, quick_gelu, relu)")
+                      f"(trim.nn.mlp.ACTIVATIONS: {', '.join(sorted(ACTIVATIONS))})")
 
 
 def mlp_ratio(width: int, hidden: int) -> float:
-    """A ratio r with int(width * r) == hidden, as trim's blocks size their MLP."""
-    r = hidden / width
-    return r if int(width * r) == hidden else (hidden + 0.5) / width
-
-
-def _square(value: Any, what: str, where: str) -> int:
-    a, b = (value, value) if isinstance(value, int) else tuple(value)
-    if a != b:
-        raise ConfigError(f"{where}: {what}={tuple(value)} is not square; trim's PatchEmbed takes square "
-                          f"images and patches (force a square image_size in open_clip)")
-    return int(a)
+    """A ratio with int(width * ratio) == hidden, as trim's blocks size their MLP."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
 def _eps(norms: list[nn.Module], where: str) -> float:
@@ -182,8 +176,8 @@ def vision_tower_from_open_clip(visual: nn.Module) -> tuple[VisionConfig, dict[s
         raise ConfigError(f"{where}.pool_type={visual.pool_type!r}; trim converts 'tok' and 'avg' pooling")
     blocks = _blocks(visual.transformer, f"{where}.transformer")
     conv = visual.conv1
-    image_size = _square(visual.image_size, "image_size", where)
-    patch = _square(visual.patch_size, "patch_size", where)
+    image_size = square_size(visual.image_size, f"{where}.image_size")
+    patch = square_size(visual.patch_size, f"{where}.patch_size")
     width = conv.out_channels
     norms = [visual.ln_pre, visual.ln_post] + [n for b in blocks for n in (b.ln_1, b.ln_2)]
     cfg = VisionConfig(

@@ -26,11 +26,10 @@ from torch import Tensor, nn
 
 from trim.errors import CheckpointError, ConfigError
 from trim.models.config import TextConfig
+from trim.models.convert.common import transformers_activation
 
 BERT_LIKE = ("bert",)
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-               "relu": "relu"}
 
 # transformers BertModel / RobertaModel parameter -> trim TextTower parameter
 KEYS = [
@@ -72,8 +71,7 @@ def text_config_from_transformers(config: Any) -> TextConfig:
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type not in (None, "absolute"):
         raise ConfigError(f"{where}: position_embedding_type={position_type!r}; trim supports 'absolute' only")
-    if config.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"{where}: hidden_act={config.hidden_act!r}; trim supports {sorted(ACTIVATIONS)}")
+    act = transformers_activation(config.hidden_act, f"{where}: hidden_act")
     width, hidden = config.hidden_size, config.intermediate_size
     ratio = hidden / width
     if int(width * ratio) != hidden:
@@ -81,7 +79,7 @@ def text_config_from_transformers(config: Any) -> TextConfig:
     return TextConfig(
         vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size, width=width, layers=config.num_hidden_layers,
-        heads=config.num_attention_heads, mlp_ratio=ratio, act=ACTIVATIONS[config.hidden_act],
+        heads=config.num_attention_heads, mlp_ratio=ratio, act=act,
         eps=float(config.layer_norm_eps), pad_token_id=int(config.pad_token_id or 0),
         roberta_positions=kind in ROBERTA_LIKE)
 

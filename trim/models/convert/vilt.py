@@ -38,6 +38,7 @@ from trim.errors import CheckpointError, ConfigError
 from trim.models.io import head_keys, load_weights, trimmer_keys
 from trim.models.config import ModelConfig, TextConfig, TrimConfig, VisionConfig
 from trim.schema import build_dataclass
+from trim.models.convert.common import square_size, transformers_activation
 from trim.models.vilt import ViltModel
 
 # transformers class -> the trim task its head implements (None: no task head)
@@ -49,8 +50,6 @@ ARCHITECTURES: dict[str, str | None] = {
     "ViltForMaskedLM": None,
 }
 HEADS = {"vqa": "classifier", "nlvr2": "classifier", "itm": "rank_output"}
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "relu": "relu"}
 
 # transformers ViltModel parameter -> trim ViltModel parameter (modality embeddings: see below)
 BACKBONE_KEYS = [
@@ -142,23 +141,13 @@ def _architecture(name: str, architectures: list[str] | None) -> str:
                           f"(its models pool the first token for a VQA / NLVR2 / ITM head)")
 
 
-def _square(value: int | list[int] | tuple[int, ...], key: str) -> int:
-    if isinstance(value, int):
-        return value
-    if len(set(value)) != 1:
-        raise ConfigError(f"ViLT config.{key}={list(value)}: trim's patch embedding is square; "
-                          f"use one value for height and width")
-    return int(value[0])
-
-
 def _model_config(hf_cfg, task: str, source_task: str | None, num_labels: int | None,
                   trim: TrimConfig | dict | None) -> ModelConfig:
-    image, patch = _square(hf_cfg.image_size, "image_size"), _square(hf_cfg.patch_size, "patch_size")
+    image = square_size(hf_cfg.image_size, "ViLT config.image_size")
+    patch = square_size(hf_cfg.patch_size, "ViLT config.patch_size")
     width, heads = hf_cfg.hidden_size, hf_cfg.num_attention_heads
     patches = (image // patch) ** 2
-    if hf_cfg.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"ViLT config.hidden_act={hf_cfg.hidden_act!r} has no trim activation; "
-                          f"trim maps {sorted(ACTIVATIONS)}")
+    act = transformers_activation(hf_cfg.hidden_act, "ViLT config.hidden_act")
     if not hf_cfg.qkv_bias:
         raise ConfigError("ViLT config.qkv_bias=False: trim's ViLT blocks have q/k/v biases; "
                           "this converter supports qkv_bias=True checkpoints only")
@@ -186,7 +175,7 @@ def _model_config(hf_cfg, task: str, source_task: str | None, num_labels: int | 
         trim = build_dataclass(TrimConfig, trim, "trim")
     vision = VisionConfig(image_size=image, patch_size=patch, channels=hf_cfg.num_channels, width=width,
                           layers=hf_cfg.num_hidden_layers, heads=heads, mlp_ratio=hf_cfg.intermediate_size / width,
-                          act=ACTIVATIONS[hf_cfg.hidden_act], eps=hf_cfg.layer_norm_eps, patch_bias=True,
+                          act=act, eps=hf_cfg.layer_norm_eps, patch_bias=True,
                           ln_pre=False, ln_post=True)
     # ViLT has no text tower: text.* describes only its BERT embeddings (layers=0). transformers'
     # ViltConfig leaves pad_token_id unset; ViLT's own BERT embeddings (and its tokenizer) pad with 0.
