@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trim.config import DataConfig
 from trim.ranks import slice_batch
 
