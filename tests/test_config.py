@@ -178,8 +178,15 @@ def test_cli_rejects_bad_recipes_before_any_work(tmp_path, monkeypatch, capsys):
     assert main([str(path), f"output_dir={out}", "objective.target=1.3"]) == 2
     assert "objective.target=1.3 is not a cost ratio" in capsys.readouterr().err
     assert not out.exists()
-    assert main([str(path), "--check"]) == 0
+    # --check makes the real run's checks, shard metadata included (data/shapes is not written here)
+    assert main([str(path), f"output_dir={out}", "--check"]) == 2
+    assert "data.root='data/shapes': data/shapes/manifest.json does not exist" in capsys.readouterr().err
+    from trim.data import write_synthetic
+
+    write_synthetic(tmp_path / "shapes", {"train": 4, "val": 4}, tasks=("vqa",), image_size=32, progress=False)
+    assert main([str(path), f"output_dir={out}", f"data.root={tmp_path / 'shapes'}", "--check"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["objective"]["curriculum"]["steps"] == 10
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from trim.config import load_recipe
 from trim.errors import ConfigError
 from trim.train.checkpoint import latest_checkpoint, list_checkpoints
-from trim.train.data import TrainStream, rank_slice, slice_batch
+from trim.ranks import rank_slice, slice_batch
+from trim.train.data import TrainStream
 from trim.train.distributed import apply_launcher_env, load_deepspeed_config
 from trim.train.objectives import METHODS, build_objective, task_loss
 from trim.train.trainer import lr_factor, param_groups

@@ -11,14 +11,13 @@ The API other packages use (documented in docs/data.md):
 from trim.data.answers import normalize_answer, soft_score
 from trim.data.make_synthetic import write_synthetic
 from trim.data.shards import read_manifest, split_samples, split_urls
-from trim.data.stream import ShardLoader, SkipStats, build_loader, dist_info, expand_urls
+from trim.data.stream import ShardLoader, SkipStats, build_loader, expand_urls
 from trim.data.tokenizer import load_tokenizer
 
 __all__ = [
     "ShardLoader",
     "SkipStats",
     "build_loader",
-    "dist_info",
     "expand_urls",
     "load_tokenizer",
     "normalize_answer",

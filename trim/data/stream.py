@@ -46,6 +46,7 @@ from trim.data.decode import Collate, Decoder, SkipSample
 from trim.data.shards import ANSWERS_FILE, MANIFEST_FILE
 from trim.data.tokenizer import load_tokenizer
 from trim.errors import ConfigError, DataError
+from trim.ranks import rank_and_world
 
 log = logging.getLogger("trim.data")
 
@@ -305,13 +306,6 @@ def _answer_vocab(answer_vocab, shards: list[str]) -> list[str]:
     return list(answer_vocab)
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): torch.distributed if initialised, else RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 # ------------------------------------------------------------------ the loader
 
 
@@ -322,9 +316,9 @@ class ShardLoader:
     batches and the shard/shuffle seeds change with the epoch (``set_epoch`` to resume).
     """
 
-    def __init__(self, loader: wds.WebLoader, dataset: wds.DataPipeline, *, mode: str,
+    def __init__(self, loader: wds.WebLoader, dataset: wds.DataPipeline, *, mode: str, shards: list[str],
                  batches_per_epoch: int | None, seed: int, seeded: list[Any]):  # fmt: skip
-        self.loader, self.dataset, self.mode = loader, dataset, mode
+        self.loader, self.dataset, self.mode, self.shards = loader, dataset, mode, shards
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
         self.stats = SkipStats()
         self.epoch = 0
@@ -332,6 +326,11 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def manifest_samples(self) -> int | None:
+        """Samples the manifests list for these shards (None if a shard has no manifest entry):
+        what a complete eval pass would read, to compare with ``stats.samples``."""
+        return _manifest_count(self.shards)
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -379,25 +378,13 @@ def build_loader(
     exactly once over all ranks and workers; ``mode="train"`` streams shuffled samples,
     ``epoch_samples`` per epoch over all ranks (default: the manifest's count).
     ``tokenizer``: a ``PreTrainedTokenizerFast`` or a path for ``load_tokenizer``.
-    ``rank``/``world_size`` override ``dist_info()`` (e.g. ``0``/``1`` for every rank to read
-    the same stream and slice its batches itself).
+    ``rank``/``world_size`` override `trim.ranks.rank_and_world` (e.g. ``0``/``1`` for every
+    rank to read the same stream and slice its batches itself).
     """
-    if task not in TASKS:
-        raise ConfigError(f"task={task!r}; choose one of {TASKS}")
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r}; choose 'train' (shuffled, sized by epoch_samples) or 'eval' (one exact pass)")
-    if batch_size < 1 or image_size < 1 or num_workers < 0:
-        raise ConfigError(f"batch_size={batch_size}, image_size={image_size}, num_workers={num_workers} must be positive")
-    if mode == "eval" and epoch_samples is not None:
-        raise ConfigError("epoch_samples sizes a training epoch; an eval loader reads each sample once, so leave it None")
+    _check_arguments(task, mode, batch_size, image_size, num_workers, epoch_samples)
     shards = expand_urls(urls)
-    if (rank is None) != (world_size is None):
-        raise ConfigError(f"rank={rank}, world_size={world_size}: give both or neither (neither = dist_info())")
-    rank, world = (rank, world_size) if rank is not None else dist_info()
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank={rank} is outside world_size={world}")
+    rank, world = _reader(rank, world_size)
     workers = max(1, num_workers)
-
     if task != "seg":
         if tokenizer is None:
             raise ConfigError(f"task {task!r} has text: pass tokenizer= (trim.data.load_tokenizer(<shard dir>))")
@@ -406,22 +393,8 @@ def build_loader(
     vocab = _answer_vocab(answer_vocab, shards) if task == "vqa" else []
 
     counters = _StreamCounters()
-    seeded: list[Any] = []
-    stages: list[Any] = []
-    if mode == "train" and resampled:
-        source = wds.ResampledShards(shards, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True)
-        stages.append(source)
-        seeded.append(source)
-    else:
-        if mode == "train" and len(shards) < world * workers:
-            raise DataError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers without resampling; "
-                            "use resampled=True, fewer workers, or write smaller shards (--shard-size)")  # fmt: skip
-        if mode == "eval" and len(shards) < world * workers:
-            log.info("%d shards for %d ranks x %d workers: some readers get none", len(shards), world, workers)
-        source = wds.SimpleShardList(shards, seed=seed if mode == "train" else None)
-        stages += [source, _SplitByNode(rank, world), wds.split_by_worker]
-        if mode == "train":
-            seeded.append(source)
+    stages, seeded = _shard_stages(shards, mode=mode, resampled=resampled, seed=seed, rank=rank, world=world,
+                                   workers=workers)  # fmt: skip
     stages += [
         partial(url_opener, handler=_open_failed),
         partial(tar_file_expander, handler=_ShardErrorHandler(counters), eof_value={}),
@@ -432,23 +405,66 @@ def build_loader(
         stages.append(shuffle)
         seeded.append(shuffle)
     collate = Collate(task, tokenizer, max_text_len=max_text_len, num_answers=len(vocab), mean=mean, std=std)
+    decoder = Decoder(task, image_size, {a: i for i, a in enumerate(vocab)})
     stages += [
-        partial(_decode_samples, decoder=Decoder(task, image_size, {a: i for i, a in enumerate(vocab)}), counters=counters),
+        partial(_decode_samples, decoder=decoder, counters=counters),
         wds.batched(batch_size, collation_fn=_CollateWithCounts(collate, counters), partial=mode == "eval"),
     ]
-    batches_per_epoch = None
     dataset = wds.DataPipeline(*stages)
+    batches_per_epoch = None
     if mode == "train":
-        if epoch_samples is None:
-            epoch_samples = _manifest_count(shards)
-            if epoch_samples is None:
-                raise ConfigError("mode='train' needs epoch_samples= (the shards have no manifest.json to count them)")
-        per_worker = max(1, math.ceil(epoch_samples / (world * workers * batch_size)))
+        per_worker = _batches_per_worker(shards, epoch_samples, world * workers * batch_size)
         dataset = dataset.with_epoch(per_worker)
         batches_per_epoch = per_worker * workers
-    else:
+    else:  # an eval pass ends: skips after the last batch still have to reach the totals
         dataset.append(partial(_flush_counts, counters=counters))
 
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
                            persistent_workers=False, prefetch_factor=4 if num_workers else None)  # fmt: skip
-    return ShardLoader(loader, dataset, mode=mode, batches_per_epoch=batches_per_epoch, seed=seed, seeded=seeded)
+    return ShardLoader(loader, dataset, mode=mode, shards=shards, batches_per_epoch=batches_per_epoch, seed=seed, seeded=seeded)
+
+
+def _check_arguments(task: str, mode: str, batch_size: int, image_size: int, num_workers: int,
+                     epoch_samples: int | None) -> None:  # fmt: skip
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r}; choose one of {TASKS}")
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}; choose 'train' (shuffled, sized by epoch_samples) or 'eval' (one exact pass)")
+    if batch_size < 1 or image_size < 1 or num_workers < 0:
+        raise ConfigError(f"batch_size={batch_size}, image_size={image_size}, num_workers={num_workers} must be positive")
+    if mode == "eval" and epoch_samples is not None:
+        raise ConfigError("epoch_samples sizes a training epoch; an eval loader reads each sample once, so leave it None")
+
+
+def _reader(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world) this loader reads as: the arguments, else the process's own."""
+    if (rank is None) != (world_size is None):
+        raise ConfigError(f"rank={rank}, world_size={world_size}: give both or neither (neither = this process's rank)")
+    rank, world = (rank, world_size) if rank is not None else rank_and_world()
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank={rank} is outside world_size={world}")
+    return rank, world
+
+
+def _shard_stages(shards: list[str], *, mode: str, resampled: bool, seed: int, rank: int, world: int,
+                  workers: int) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """The stages that choose which shard urls this reader opens, and those of them seeded by the epoch."""
+    if mode == "train" and resampled:
+        source = wds.ResampledShards(shards, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True)
+        return [source], [source]
+    if mode == "train" and len(shards) < world * workers:
+        raise DataError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers without resampling; "
+                        "use resampled=True, fewer workers, or write smaller shards (--shard-size)")  # fmt: skip
+    if mode == "eval" and len(shards) < world * workers:
+        log.info("%d shards for %d ranks x %d workers: some readers get none", len(shards), world, workers)
+    source = wds.SimpleShardList(shards, seed=seed if mode == "train" else None)
+    return [source, _SplitByNode(rank, world), wds.split_by_worker], [source] if mode == "train" else []
+
+
+def _batches_per_worker(shards: list[str], epoch_samples: int | None, samples_per_round: int) -> int:
+    """Batches each worker yields per epoch so that all readers together read ``epoch_samples``."""
+    if epoch_samples is None:
+        epoch_samples = _manifest_count(shards)
+        if epoch_samples is None:
+            raise ConfigError("mode='train' needs epoch_samples= (the shards have no manifest.json to count them)")
+    return max(1, math.ceil(epoch_samples / samples_per_round))

@@ -21,12 +21,26 @@ or the new one behind, never a half-written ``step_<N>``; stale ``*.tmp`` direct
 removed by the next save.
 
 The run folder must be on a file system all ranks see (as on a cluster's shared storage).
+
+Loading runs no code from the checkpoint. ``optimizer.pt``, ``scaler.pt`` and
+``rng_rank<r>.pt`` are read with ``torch.load(weights_only=True)``: tensors and plain
+containers only, so a crafted pickle in a run folder cannot execute anything on
+``train.resume=latest`` (the RNG states are stored as tensors and numbers for this
+reason). A file that needs anything else is refused with a `CheckpointError` naming it.
+DeepSpeed's engine unpickles its own files with ``weights_only=False``; before handing
+``deepspeed/`` to it, every ``*.pt`` there is read once with ``weights_only=True``
+(memory-mapped, so no tensor data is copied) allowing only the few DeepSpeed classes its
+ZeRO checkpoints hold (`DEEPSPEED_SAFE_GLOBALS`). A file that fails is refused the same
+way. The check and DeepSpeed's read are two opens of the same file: someone who can
+rewrite the run folder *while* the job starts can still swap it in between, so a run
+folder must not be writable by anyone you would not let run code as you.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,8 +55,7 @@ from safetensors.torch import save_file
 from trim.errors import CheckpointError
 from trim.models.io import CONFIG_NAME, LATEST_NAME, WEIGHTS_NAME, load_weights, read_weights
 
-LATEST = LATEST_NAME
-STATE_NAME, OPTIMIZER_NAME = "trainer_state.json", "optimizer.pt"
+STATE_NAME, OPTIMIZER_NAME, SCALER_NAME = "trainer_state.json", "optimizer.pt", "scaler.pt"
 DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -63,7 +76,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` names (falling back to the newest complete one)."""
     run = Path(run_dir)
-    pointer = run / LATEST
+    pointer = run / LATEST_NAME
     if pointer.is_file():
         target = run / pointer.read_text().strip()
         if (target / STATE_NAME).is_file():
@@ -101,19 +114,84 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and numbers: loadable with ``weights_only=True``."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_plain(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` that runs no code from the file: tensors and plain containers only.
+
+    Everything trim writes is plain data; a file that needs another class is either from a
+    foreign tool or crafted, and unpickling it could execute anything, so it is refused.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain data, so it was not loaded (unpickling it could run "
+            f"code: {first[:200]}). If you wrote it with an older trim, delete it (for rng_rank*.pt: the run resumes "
+            "with fresh random state) or start a new run from the weights with model.init_from") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is damaged: "
+                              "resume from an earlier step_<N> (train.resume=<run>/step_<N>)") from err
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Classes DeepSpeed's ZeRO checkpoints pickle besides tensors (loss scaler, stage enum, fragment map)."""
+    import importlib
+
+    found = []
+    for module, name in DEEPSPEED_SAFE_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: its files are then refused, naming the class
+    return found
+
+
+# (module, name) of the non-plain objects DeepSpeed 0.19 pickles into its ZeRO checkpoints
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on a ZeRO-2 run's files).
+# Each is a data holder rebuilt from its fields; none runs code of the file's choosing.
+DEEPSPEED_SAFE_GLOBALS: tuple[tuple[str, str], ...] = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def verify_deepspeed_files(ds_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint with a file that would run code when DeepSpeed unpickles it."""
+    allowed = _deepspeed_safe_globals()
+    with torch.serialization.safe_globals(allowed):
+        for path in sorted(Path(ds_dir).rglob("*.pt")):
+            load_plain(path, mmap=True)
 
 
 class CheckpointIO:
@@ -151,11 +229,11 @@ class CheckpointIO:
             model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
         elif self.is_main:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-        torch.save(rng_state(), tmp / f"rng_rank{acc.process_index}.pt")
+        torch.save(rng_state(), tmp / rng_name(acc.process_index))
         if self.is_main:
             scaler = getattr(acc, "scaler", None)
             if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+                torch.save(scaler.state_dict(), tmp / SCALER_NAME)
             # The state file marks the directory complete: written last, after everything else.
             (tmp / STATE_NAME).write_text(json.dumps({**state, "world_size": acc.num_processes}, indent=2) + "\n")
         acc.wait_for_everyone()
@@ -164,7 +242,7 @@ class CheckpointIO:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.run_dir)
-            _atomic_write_text(self.run_dir / LATEST, final.name + "\n")
+            _atomic_write_text(self.run_dir / LATEST_NAME, final.name + "\n")
             self._prune()
         acc.wait_for_everyone()
         return final
@@ -184,29 +262,41 @@ class CheckpointIO:
             raise CheckpointError(f"{step_dir} has no {STATE_NAME}; it is not a complete training checkpoint")
         state = json.loads(state_path.read_text())
         if self.deepspeed:
-            if not (step_dir / DEEPSPEED_TAG).is_dir():
-                raise CheckpointError(f"{step_dir} was not written by a DeepSpeed run (no {DEEPSPEED_TAG}/); resume it "
-                                      "with train.deepspeed=null, or start a new run with init_from")
-            path, _ = model.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load {step_dir / DEEPSPEED_TAG}")
+            self._load_deepspeed(step_dir, model)
         else:
-            if not (step_dir / OPTIMIZER_NAME).is_file():
-                raise CheckpointError(f"{step_dir} has no {OPTIMIZER_NAME} (written by a DeepSpeed run?); resume it "
-                                      "with the same train.deepspeed setting")
-            weights = step_dir / WEIGHTS_NAME
-            load_weights(self.acc.unwrap_model(model), read_weights(weights), source=str(weights))
-            optimizer.load_state_dict(torch.load(step_dir / OPTIMIZER_NAME, map_location="cpu", weights_only=False))
-            scaler = getattr(self.acc, "scaler", None)
-            if scaler is not None and (step_dir / "scaler.pt").is_file():
-                scaler.load_state_dict(torch.load(step_dir / "scaler.pt", weights_only=False))
+            self._load_ddp(step_dir, model, optimizer)
         return state
+
+    def _load_deepspeed(self, step_dir: Path, model: Any) -> None:
+        if not (step_dir / DEEPSPEED_TAG).is_dir():
+            raise CheckpointError(f"{step_dir} was not written by a DeepSpeed run (no {DEEPSPEED_TAG}/); resume it "
+                                  "with train.deepspeed=null, or start a new run with init_from")
+        verify_deepspeed_files(step_dir / DEEPSPEED_TAG)
+        path, _ = model.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {step_dir / DEEPSPEED_TAG}")
+
+    def _load_ddp(self, step_dir: Path, model: Any, optimizer: Any) -> None:
+        if not (step_dir / OPTIMIZER_NAME).is_file():
+            raise CheckpointError(f"{step_dir} has no {OPTIMIZER_NAME} (written by a DeepSpeed run?); resume it "
+                                  "with the same train.deepspeed setting")
+        # Every file is read (and refused if unsafe) before anything is restored.
+        optimizer_state = load_plain(step_dir / OPTIMIZER_NAME)
+        scaler = getattr(self.acc, "scaler", None)
+        scaler_state = None
+        if scaler is not None and (step_dir / SCALER_NAME).is_file():
+            scaler_state = load_plain(step_dir / SCALER_NAME)
+        weights = step_dir / WEIGHTS_NAME
+        load_weights(self.acc.unwrap_model(model), read_weights(weights), source=str(weights))
+        optimizer.load_state_dict(optimizer_state)
+        if scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
 
     def load_rng(self, step_dir: Path) -> bool:
         """Restore this rank's RNG; False when the checkpoint has none for it (world size changed)."""
-        path = Path(step_dir) / f"rng_rank{self.acc.process_index}.pt"
+        path = Path(step_dir) / rng_name(self.acc.process_index)
         if not path.is_file():
             return False
-        set_rng_state(torch.load(path, weights_only=False))
+        set_rng_state(load_plain(path))
         return True

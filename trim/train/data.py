@@ -24,35 +24,31 @@ same number of forward passes, which ZeRO-3 needs.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trim.config import DataConfig
-
-
-def slice_batch(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
-    """Rows ``start:stop`` of every tensor and list in a batch dict."""
-    out = {}
-    for k, v in batch.items():
-        out[k] = v[start:stop] if isinstance(v, (torch.Tensor, list, tuple)) else v
-    return out
+from trim.ranks import slice_batch
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:
     return int(batch["pixel_values"].shape[0])
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous, as-even-as-possible share of ``n`` rows for ``rank``."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+def no_reads() -> dict[str, Any]:
+    return {"samples": 0, "skipped": {}, "shard_errors": 0}
+
+
+def add_reads(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Sum of `trim.data.SkipStats.as_dict` records: samples decoded, skipped by reason, shards cut short."""
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part.get("skipped", {}))
+    return {"samples": sum(int(p.get("samples", 0)) for p in parts), "skipped": dict(sorted(skipped.items())),
+            "shard_errors": sum(int(p.get("shard_errors", 0)) for p in parts)}
 
 
 class TrainStream:
@@ -80,6 +76,14 @@ class TrainStream:
         self._it = iter(self.loader)
         for _ in range(self.batch_in_epoch):  # resume mid-epoch: drop the batches already used
             next(self._it)
+        if self.batch_in_epoch and hasattr(self.loader, "stats"):
+            # Those batches' skips were counted before the checkpoint; reading them again adds nothing.
+            self.loader.stats = type(self.loader.stats)()
+
+    def reads(self) -> dict[str, Any]:
+        """This process's reads since the stream opened: samples decoded, skipped by reason, shards cut short."""
+        stats = getattr(self.loader, "stats", None)
+        return stats.as_dict() if stats is not None else no_reads()
 
     def start(self) -> None:
         """Open the current epoch now (before RNG state is restored: opening a loader draws a seed)."""
@@ -104,31 +108,6 @@ class TrainStream:
                 batch = slice_batch(batch, start, stop)
             return batch
         raise RuntimeError("the training loader produced an empty epoch; check data.train and data.epoch_samples")
-
-
-@contextlib.contextmanager
-def single_reader():
-    """Make ``build_loader`` plan for one reader (rank 0 of 1), for the ``batch`` layout.
-
-    trim.data decides the rank split from torch.distributed when the loader is built; the
-    batch layout needs every rank to read the whole stream. If ``build_loader`` accepts
-    ``rank``/``world_size`` they are passed instead (see `loader_kwargs`).
-    """
-    from trim.data import stream
-
-    original = stream.dist_info
-    stream.dist_info = lambda: (0, 1)
-    try:
-        yield
-    finally:
-        stream.dist_info = original
-
-
-def _accepts(func: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class DataSources:
@@ -197,10 +176,9 @@ class DataSources:
 
         def make(urls: str, mode: str, batch_size: int, single: bool, **extra: Any) -> Any:
             kwargs = dict(common, batch_size=batch_size, mode=mode, num_workers=cfg.num_workers, seed=seed, **extra)
-            if single and _accepts(build_loader, "world_size"):
-                return build_loader(urls, cfg.task, rank=0, world_size=1, **kwargs)
-            with single_reader() if single else contextlib.nullcontext():
-                return build_loader(urls, cfg.task, **kwargs)
+            if single:  # the batch layout: every rank reads the whole stream and slices it itself
+                kwargs.update(rank=0, world_size=1)
+            return build_loader(urls, cfg.task, **kwargs)
 
         def train_loader() -> Any:
             global_batch = cfg.batch_size * (world if batch_layout else 1)

@@ -71,10 +71,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def load_deepspeed_config(path: str, *, batch_size: int, grad_accum: int, clip: float | None, precision: str,
                           world: int) -> dict[str, Any]:
     """Read a launch/deepspeed JSON and fill its ``"auto"`` values from the recipe.
@@ -127,6 +123,18 @@ def _skip_deepspeed_shm_kernel() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def check_devices(*, precision: str, deepspeed_config: dict | None) -> None:
+    """What this machine cannot run, found before any process group or model exists."""
+    if torch.cuda.is_available():
+        return
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if deepspeed_config is not None and deepspeed_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError("train.deepspeed: ZeRO stage 3 does not run on DeepSpeed's CPU accelerator (0.19's ZeRO-3 "
+                          "optimizer step calls CUDA-only record_stream on the gradients); on a machine without "
+                          "CUDA use launch/deepspeed/zero2.json")
+
+
 def make_accelerator(*, precision: str, grad_accum: int, deepspeed_config: dict | None,
                      find_unused_parameters: bool = False) -> Any:
     """An Accelerator for this process (DDP, or DeepSpeed when a config is given)."""
@@ -134,9 +142,8 @@ def make_accelerator(*, precision: str, grad_accum: int, deepspeed_config: dict 
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    check_devices(precision=precision, deepspeed_config=deepspeed_config)
     cuda = torch.cuda.is_available()
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh state per run (tests run several)
     handlers: list[Any] = []
     if deepspeed_config is None:
@@ -149,10 +156,6 @@ def make_accelerator(*, precision: str, grad_accum: int, deepspeed_config: dict 
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not cuda and deepspeed_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError("train.deepspeed: ZeRO stage 3 does not run on DeepSpeed's CPU accelerator (0.19's ZeRO-3 "
-                          "optimizer step calls CUDA-only record_stream on the gradients); on a machine without "
-                          "CUDA use launch/deepspeed/zero2.json")
     if not cuda:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         _skip_deepspeed_shm_kernel()

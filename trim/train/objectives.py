@@ -255,4 +255,10 @@ class SmartTrim(Objective):
 
 
 def build_objective(cfg: Any, task: str) -> Objective:
+    """The objective ``objective.method`` names: the registry is the one place a method is known."""
+    from trim.errors import ConfigError
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"objective.method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)} "
+                          "(or register a new one with @trim.train.register)")
     return METHODS[cfg.method](cfg, task=task)
