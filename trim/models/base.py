@@ -25,10 +25,13 @@ class TrimModel(nn.Module):
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0) -> Tensor:
+               image_index: int = 0, layout: str = "packed") -> Tensor:
         raise NotImplementedError
 
-    def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False) -> ModelOutput:
+    def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False,
+                layout: str = "packed") -> ModelOutput:
+        """``trim``: a trimming mode (`trim.prune.TRIM_MODES`); ``layout``: how ``trim="eval"``
+        holds the kept tokens, ``packed`` (each sample pays for what it kept) or ``padded``."""
         check_mode(trim)
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         mask = batch.get("attention_mask")
@@ -40,14 +43,14 @@ class TrimModel(nn.Module):
                 meter = CostMeter()
                 recs: dict[str, list[LayerRecord]] = {}
                 pooled.append(self.encode(pixels[:, k], ids, mask, mode=trim, tau=tau, meter=meter, records=recs,
-                                          track_alive=track_alive, image_index=k))
+                                          track_alive=track_alive, image_index=k, layout=layout))
                 costs.append(meter.ratio())
                 records.update({per_image(name, k): r for name, r in recs.items()})
             hidden, cost = torch.cat(pooled, -1), torch.stack(costs).mean(0)
         else:
             meter = CostMeter()
             hidden = self.encode(pixels, ids, mask, mode=trim, tau=tau, meter=meter, records=records,
-                                 track_alive=track_alive)
+                                 track_alive=track_alive, layout=layout)
             cost = meter.ratio()
         return ModelOutput(self.head(hidden), cost, hidden, records)
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from trim.models.config import TrimConfig
 from trim.models.towers import make_trimmers
 from trim.nn import PreNormBlock
+from trim.nn.tokens import Packing
 from trim.prune import CostMeter, LayerRecord, TrimmedStack, start_tokens
 
 TEXT_POOLS = ("argmax", "eos", "first", "last")
@@ -61,7 +62,10 @@ class CausalPreNormBlock(PreNormBlock):
     """A `PreNormBlock` whose attention is causal over the tokens it is given (in their order)."""
 
     def forward(self, x: Tensor, *, keep: Tensor | None = None, head_mask: Tensor | None = None,
-                heads: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+                heads: Tensor | None = None, attn_bias: Tensor | None = None, packing: Packing | None = None,
+                head_keep: Tensor | None = None) -> Tensor:
+        if packing is not None or head_keep is not None:
+            raise ValueError("a causal block runs in the padded layout (start_tokens(..., layout='padded'))")
         mask = causal_bias(x.shape[1], x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
         bias = mask if attn_bias is None else attn_bias + mask
         return super().forward(x, keep=keep, head_mask=head_mask, heads=heads, attn_bias=bias)
@@ -114,7 +118,10 @@ class ClipTextTower(nn.Module):
         protect = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
         protect[:, 0] = True  # start-of-text: with a causal mask every token attends to it
         protect[rows, at] = True
-        tokens = self.stack(start_tokens(x, trim, protect=protect), mode=trim, tau=tau, meter=meter, records=records)
+        # Packed attention has no causal mask (text is short; the image tower is where packing pays).
+        layout = "padded" if self.cfg.causal else "packed"
+        tokens = self.stack(start_tokens(x, trim, protect=protect, layout=layout), mode=trim, tau=tau, meter=meter,
+                            records=records)
         x = self.ln_final(tokens.restore())
         pooled = x[rows, at]
         features = pooled if self.text_projection is None else self.text_projection(pooled)

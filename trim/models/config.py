@@ -117,6 +117,11 @@ class ModelConfig:
             self._validate_vilt()
         if self.trim.min_keep_tokens < 1 or self.trim.min_keep_heads < 1:
             raise ConfigError("model.trim.min_keep_tokens and min_keep_heads must be >= 1")
+        towers = min(self.vision.layers, self.text.layers)
+        for i, layer in enumerate(self.bridge_layers):
+            if not 0 <= layer < towers:
+                raise ConfigError(f"model.bridge_layers[{i}]={layer} but the towers have {self.text.layers} (text) and "
+                                  f"{self.vision.layers} (vision) layers; a bridge reads layer 0..{towers - 1} of both")
         if len(self.bridge_layers) not in (0, self.cross_layers):
             raise ConfigError(f"model.bridge_layers has {len(self.bridge_layers)} entries; give one uni-modal "
                               f"layer per cross layer ({self.cross_layers}) or none")

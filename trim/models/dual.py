@@ -21,7 +21,7 @@ from trim.models.streams import CROSS_IMAGE, CROSS_TEXT, TEXT, VISION
 from trim.models.config import ModelConfig
 from trim.models.heads import Pooler, make_head
 from trim.models.towers import TextTower, VisionTower, text_protect
-from trim.nn import CrossBlock, TokenSet, gather_tokens
+from trim.nn import CrossBlock, TokenSet
 from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer, block_flops, start_tokens
 from trim.prune.stack import token_cost, trim_heads, trim_tokens
 
@@ -74,26 +74,24 @@ class DualStreamModel(TrimModel):
 
     def _bridge(self, uni: TokenSet, stream: TokenSet, image: bool) -> Tensor:
         """A uni-modal layer's output at the cross stream's tokens, projected to the cross width."""
-        x = uni.restore()
-        if stream.physical:
-            x = gather_tokens(x, stream.index)
+        x = stream.take(uni.restore())
         if image:
             return self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True)
         return self.text_transform(x) + self._type_embedding(x, image=False)
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0) -> Tensor:
+               image_index: int = 0, layout: str = "packed") -> Tensor:
         cfg = self.config
         bridged = bool(cfg.bridge_layers)
         text_outs: list[TokenSet] | None = [] if bridged else None
         image_outs: list[TokenSet] | None = [] if bridged else None
         t = start_tokens(self.text.embeddings(input_ids), mode, valid=attention_mask.bool(),
-                         protect=text_protect(attention_mask))
+                         protect=text_protect(attention_mask), layout=layout)
         t = self.text.stack(t, mode=mode, tau=tau, meter=meter, records=records.setdefault(TEXT, []),
                             outputs=text_outs)
         x, protect = self.vision.embed_tokens(pixels)
-        v = self.vision.stack(start_tokens(x, mode, protect=protect), mode=mode, other=t.mean(), tau=tau, meter=meter,
+        v = self.vision.stack(start_tokens(x, mode, protect=protect, layout=layout), mode=mode, other=t.mean(), tau=tau, meter=meter,
                               records=records.setdefault(VISION, []), track_alive=track_alive, outputs=image_outs)
         if bridged:
             t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
@@ -104,17 +102,17 @@ class DualStreamModel(TrimModel):
             v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True))
         t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
                            text_outs=text_outs, image_outs=image_outs, full_text=attention_mask.sum(1))
-        return self.pooled(t.x, v.x)
+        return self.pooled(t.first(), v.first())
 
-    def pooled(self, text: Tensor, image: Tensor) -> Tensor:
+    def pooled(self, text_cls: Tensor, image_cls: Tensor) -> Tensor:
         """[CLS] of each stream through its pooler, concatenated (text first, as METER)."""
-        return torch.cat([self.text_pooler(text), self.image_pooler(image)], -1)
+        return torch.cat([self.text_pooler(text_cls), self.image_pooler(image_cls)], -1)
 
     def _cross(self, t: TokenSet, v: TokenSet, *, mode: str, tau: float, meter: CostMeter,
                records: dict[str, list[LayerRecord]], track_alive: bool, text_outs: list[TokenSet] | None,
                image_outs: list[TokenSet] | None, full_text: Tensor) -> tuple[TokenSet, TokenSet]:
         cfg = self.config
-        b = t.x.shape[0]
+        b = t.batch_size
         # The untrimmed reference: every valid text token and every image token, not what the
         # towers' trimmers left (that would hide the towers' savings from the cross layers).
         full_t = full_text.to(t.x.dtype)
@@ -132,14 +130,17 @@ class DualStreamModel(TrimModel):
             t, v = ts.tokens, vs.tokens
             t_pool, v_pool = t.mean(), v.mean()
             h = cfg.cross_heads
-            th = trim_heads(self._trimmer("text_self_heads", j), h, t_pool, mode, tau=tau, other=v_pool)
-            tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool)
-            ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
-            ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool)
+            packed = t.packing is not None
+            th = trim_heads(self._trimmer("text_self_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed)
+            tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed)
+            ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed)
+            ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed)
             new_t = text_layer(t.x, v.x, keep=t.block_keep, context_keep=v.block_keep, head_mask=th.mask, heads=th.heads,
-                               cross_head_mask=tc.mask, cross_heads=tc.heads)
+                               cross_head_mask=tc.mask, cross_heads=tc.heads, packing=t.packing,
+                               context_packing=v.packing, head_keep=th.keep, cross_head_keep=tc.keep)
             new_v = image_layer(v.x, t.x, keep=v.block_keep, context_keep=t.block_keep, head_mask=ih.mask, heads=ih.heads,
-                                cross_head_mask=ic.mask, cross_heads=ic.heads)
+                                cross_head_mask=ic.mask, cross_heads=ic.heads, packing=v.packing,
+                                context_packing=t.packing, head_keep=ih.keep, cross_head_keep=ic.keep)
             n_t, n_v = token_cost(t, ts), token_cost(v, vs)
             meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads)
                       + ts.overhead + th.overhead + tc.overhead,

@@ -14,14 +14,14 @@ class Classifier(nn.Sequential):
 
 
 class Pooler(nn.Module):
-    """tanh(W x_cls + b): BERT's pooler, applied to each stream's first token."""
+    """tanh(W x_cls + b): BERT's pooler, applied to each stream's first token ((B, D) in)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dense(x[:, 0]).tanh()
+    def forward(self, cls: Tensor) -> Tensor:
+        return self.dense(cls).tanh()
 
 
 def make_head(task: str, pooled_dim: int, num_labels: int, hidden_dim: int, images: int = 2) -> nn.Module:

@@ -51,7 +51,7 @@ class ViltModel(TrimModel):
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0) -> Tensor:
+               image_index: int = 0, layout: str = "packed") -> Tensor:
         # Modality rows through the Embedding's forward (not .weight[i]) so hooks and ZeRO-3 see the read.
         modality = self.modality_embeddings(torch.tensor([0, 1 + image_index], device=input_ids.device))
         text = self.text_embeddings(input_ids) + modality[0]
@@ -63,7 +63,7 @@ class ViltModel(TrimModel):
         protect = torch.ones_like(valid)
         protect[:, nt + 1:] = False
         segment = torch.cat([torch.full((b, nt), TEXT), torch.full((b, ni), IMAGE)], 1).to(x.device)
-        tokens = start_tokens(x, mode, valid=valid, protect=protect & valid, segment=segment)
+        tokens = start_tokens(x, mode, valid=valid, protect=protect & valid, segment=segment, layout=layout)
         tokens = self.stack(tokens, mode=mode, tau=tau, meter=meter, records=records.setdefault(VILT, []),
                             condition=self._condition, track_alive=track_alive)
-        return self.pooler(self.norm(tokens.x))
+        return self.pooler(self.norm(tokens.first()))  # LayerNorm is per token: only [CLS] is needed

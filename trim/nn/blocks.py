@@ -4,7 +4,8 @@ Every block takes ``keep`` (B, N): the tokens still alive. Pruned tokens are not
 to (they are masked as keys) and not updated (the block returns their input unchanged),
 so a token dropped in one layer stays dropped in every later layer. A float ``keep``
 (0/1 with straight-through gradients, training) gates the update softly; a bool ``keep``
-(inference, usually the padding mask of gathered tokens) selects.
+(inference, usually the padding mask of gathered tokens) selects. Packed tokens
+(``packing`` given, see `trim.nn.tokens`) are all alive and take no ``keep``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from trim.nn.attention import Attention
 from trim.nn.mlp import Mlp
+from trim.nn.tokens import Packing
 
 
 def gate(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
@@ -53,8 +55,11 @@ class PreNormBlock(nn.Module):
         head_mask: Tensor | None = None,
         heads: Tensor | None = None,
         attn_bias: Tensor | None = None,
+        packing: Packing | None = None,
+        head_keep: Tensor | None = None,
     ) -> Tensor:
-        h = x + self.attn(self.norm1(x), key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias)
+        h = x + self.attn(self.norm1(x), key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias,
+                          packing=packing, head_keep=head_keep)
         h = h + self.mlp(self.norm2(h))
         return gate(h, x, keep)
 
@@ -87,8 +92,11 @@ class PostNormBlock(nn.Module):
         head_mask: Tensor | None = None,
         heads: Tensor | None = None,
         attn_bias: Tensor | None = None,
+        packing: Packing | None = None,
+        head_keep: Tensor | None = None,
     ) -> Tensor:
-        h = self.norm1(x + self.attn(x, key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias))
+        h = self.norm1(x + self.attn(x, key_keep=keep, head_mask=head_mask, heads=heads, attn_bias=attn_bias,
+                                     packing=packing, head_keep=head_keep))
         h = self.norm2(h + self.mlp(h))
         return gate(h, x, keep)
 
@@ -132,12 +140,18 @@ class CrossBlock(nn.Module):
         heads: Tensor | None = None,
         cross_head_mask: Tensor | None = None,
         cross_heads: Tensor | None = None,
+        packing: Packing | None = None,
+        context_packing: Packing | None = None,
+        head_keep: Tensor | None = None,
+        cross_head_keep: Tensor | None = None,
     ) -> Tensor:
         def self_attn(h: Tensor) -> Tensor:
-            return self.self_attn(h, key_keep=keep, head_mask=head_mask, heads=heads)
+            return self.self_attn(h, key_keep=keep, head_mask=head_mask, heads=heads, packing=packing,
+                                  head_keep=head_keep)
 
         def cross_attn(h: Tensor) -> Tensor:
-            return self.cross_attn(h, context, key_keep=context_keep, head_mask=cross_head_mask, heads=cross_heads)
+            return self.cross_attn(h, context, key_keep=context_keep, head_mask=cross_head_mask, heads=cross_heads,
+                                   packing=packing, context_packing=context_packing, head_keep=cross_head_keep)
 
         if self.norm_first:
             h = x + self_attn(self.norm1(x))

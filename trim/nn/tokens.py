@@ -4,13 +4,24 @@ A `TokenSet` carries a stream's tokens through a stack of blocks in one of two l
 
 * **masked** (training): every token stays in place; ``keep`` is a float 0/1 mask with
   straight-through gradients. Blocks mask pruned keys and skip their updates.
-* **physical** (inference): each sample's alive tokens are gathered to the front and the
-  batch is padded to its longest sample; ``keep`` is then the bool validity mask of that
-  padding, ``index`` the original position of every carried token. Dropped tokens'
-  last values are parked in ``archive`` so dense tasks can scatter them back.
+* **physical** (inference): each sample's alive tokens are gathered to the front in their
+  original order; ``keep`` is the (B, M) bool validity mask of that grid, ``index`` the
+  original position of every carried token. Dropped tokens' last values are parked in
+  ``archive`` so dense tasks can scatter them back. The values ``x`` are held either
 
-For the same hard decisions both layouts give the same outputs (design invariant 1):
-alive tokens see the same keys and receive the same updates in both.
+  - **padded**: (B, M, D), every sample padded to the batch's longest (a batch pays for its
+    most expensive member), or
+  - **packed**: (1, T, D), the kept tokens of all samples one after another (T = total kept),
+    described by a `Packing`. Norms, MLPs and projections then cost exactly the sum of what
+    each sample kept; attention runs per sample (`trim.nn.attention`).
+
+  Per-token bookkeeping (``keep``, ``protect``, ``index``, ``segment``) stays on the (B, M)
+  grid in both: it is small, and the trimmers' per-sample rules (top-k, minimum kept) are
+  row operations on it. `TokenSet.broadcast` and `TokenSet.to_grid` move per-sample and
+  per-token values between the layouts.
+
+For the same hard decisions all layouts give the same outputs (design invariant 1):
+alive tokens see the same keys and receive the same updates in each.
 """
 
 from __future__ import annotations
@@ -42,6 +53,42 @@ def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
+class Packing:
+    """Where each sample's tokens sit in a packed (1, T, D) tensor: sample ``b`` holds rows
+    ``offsets[b]:offsets[b + 1]``, in the order of its grid row."""
+
+    lengths: list[int]  # tokens per sample (Python ints: attention loops over them)
+    offsets: Tensor  # (B + 1,) long, cumulative; int32 copies feed varlen kernels
+    rows: Tensor  # (B, M) long: packed row of each valid grid slot (0 for padding slots)
+    sample: Tensor  # (T,) long: the sample of each packed row
+
+    @classmethod
+    def from_valid(cls, valid: Tensor) -> "Packing":
+        """The packing of a (B, M) grid whose valid slots are each row's first ``lengths[b]``."""
+        counts = valid.sum(1)
+        lengths = counts.tolist()
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=valid.device)
+        offsets[1:] = counts.cumsum(0)
+        slots = torch.arange(valid.shape[1], device=valid.device)
+        rows = torch.where(valid, offsets[:-1, None] + slots, torch.zeros_like(slots))
+        sample = torch.repeat_interleave(torch.arange(len(lengths), device=valid.device), counts)
+        return cls(lengths, offsets, rows, sample)
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` rows of each sample."""
+        starts = self.offsets.tolist()
+        return list(zip(starts[:-1], starts[1:]))
+
+
+@dataclass
 class TokenSet:
     x: Tensor  # (B, N, D) carried tokens
     keep: Tensor  # (B, N) alive mask: float 0/1 (masked) or bool validity (physical)
@@ -52,13 +99,17 @@ class TokenSet:
     # False when every carried token is alive: blocks then need no key mask and no gate, which
     # lets attention take its fastest path (batch size 1 at inference is always gap-free).
     has_gaps: bool = True
+    packing: Packing | None = None  # set when x is packed (1, T, D) (physical only)
+    positions: int = 0  # original positions N0 (physical only: index points into them)
 
     @classmethod
     def start(cls, x: Tensor, *, valid: Tensor | None = None, protect: Tensor | None = None,
-              segment: Tensor | None = None, physical: bool = False, soft: bool = True) -> "TokenSet":
+              segment: Tensor | None = None, physical: bool = False, soft: bool = True,
+              packed: bool = False) -> "TokenSet":
         """Begin a stack. ``valid``: padding mask (False = padding), ``protect``: special tokens.
 
-        In physical mode padding is dropped right away (it is never attended to anyway).
+        In physical mode padding is dropped right away (it is never attended to anyway), and
+        ``packed`` holds the values packed rather than padded.
         ``soft`` picks the float keep mask of the masked layout (needed for gradients).
         """
         b, n, _ = x.shape
@@ -69,14 +120,65 @@ class TokenSet:
             return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment,
                        has_gaps=soft or gaps)
         tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
-                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment, has_gaps=False)
-        return tokens.prune(valid) if gaps else tokens
+                     archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment, has_gaps=False,
+                     positions=n)
+        tokens = tokens.prune(valid) if gaps else tokens
+        return tokens.packed() if packed else tokens
+
+    def packed(self) -> "TokenSet":
+        """This physical token set with its values packed (1, T, D) instead of padded."""
+        if self.packing is not None:
+            return self
+        if not self.physical:
+            raise ValueError("only a physical (gathered) TokenSet can be packed")
+        packing = Packing.from_valid(self.keep)
+        return replace(self, x=self.x[self.keep][None], packing=packing, has_gaps=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keep.shape[0]
+
+    def grid(self, values: Tensor | None = None) -> Tensor:
+        """Per-token values (default: ``x``) on the (B, M, ...) grid; padding slots hold row 0's."""
+        values = self.x if values is None else values
+        if self.packing is None:
+            return values
+        return values[0][self.packing.rows]
+
+    def to_grid(self, per_token: Tensor) -> Tensor:
+        """A per-token result of a module run on ``x`` ((B, M, ...) or packed (1, T, ...)) on the grid."""
+        return self.grid(per_token)
+
+    def pack(self, grid_values: Tensor) -> Tensor:
+        """(B, M, ...) grid values in this set's layout: packed (1, T, ...) or as they are."""
+        if self.packing is None:
+            return grid_values
+        return grid_values[self.keep][None]
+
+    def broadcast(self, per_sample: Tensor) -> Tensor:
+        """(B, K) per-sample values, one per token, ready to add to a module's output on ``x``."""
+        if self.packing is None:
+            return per_sample[:, None]
+        return per_sample[self.packing.sample][None]
+
+    def first(self) -> Tensor:
+        """(B, D) each sample's first carried token ([CLS]: protected, so always carried first)."""
+        if self.packing is None:
+            return self.x[:, 0]
+        return self.x[0, self.packing.offsets[:-1]]
+
+    def take(self, full: Tensor) -> Tensor:
+        """Values at this set's carried tokens, in its layout, from (B, N0, D) values of every position."""
+        if not self.physical:
+            return full
+        return self.pack(gather_tokens(full, self.index))
 
     @property
     def physical(self) -> bool:
         return self.index is not None
 
     def with_x(self, x: Tensor) -> "TokenSet":
+        """The same tokens with new values (in this set's layout)."""
         return replace(self, x=x)
 
     def project(self, fn) -> "TokenSet":
@@ -103,15 +205,19 @@ class TokenSet:
         w = self.keep.to(self.x.dtype)
         if segment is not None:
             w = w * (self.segment == segment).to(w.dtype)
-        w = w[..., None]
-        return (self.x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        count = w.sum(1, keepdim=True).clamp_min(1.0)
+        if self.packing is None:
+            return (self.x * w[..., None]).sum(1) / count
+        weighted = self.x[0] * self.pack(w)[0, :, None]
+        total = weighted.new_zeros(self.batch_size, self.x.shape[-1]).index_add_(0, self.packing.sample, weighted)
+        return total / count
 
     def alive_positions(self) -> Tensor:
         """(B, N0) bool: which original positions are still alive (for kept-token plots)."""
         if not self.physical:
             return self.keep.bool()
-        n0 = int(self.index.max()) + 1 if self.archive is None else self.archive.shape[1] - 1
-        alive = torch.zeros(self.x.shape[0], n0 + 1, dtype=torch.bool, device=self.x.device)
+        n0 = self.positions
+        alive = torch.zeros(self.batch_size, n0 + 1, dtype=torch.bool, device=self.x.device)
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, n0))
         return alive.scatter(1, slot, True)[:, :-1]
 
@@ -128,12 +234,16 @@ class TokenSet:
         if self.archive is not None:
             # Park every carried token's current value; padded slots write to the spare last row.
             slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
-            archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
+            archive = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.grid())
         pos, valid = compact(keep)
         segment = None if self.segment is None else self.segment.gather(1, pos)
-        return TokenSet(gather_tokens(self.x, pos), valid, self.protect.gather(1, pos) & valid,
-                        index=self.index.gather(1, pos), archive=archive, segment=segment,
-                        has_gaps=not bool(valid.all()))
+        pruned = TokenSet(self.x, valid, self.protect.gather(1, pos) & valid, index=self.index.gather(1, pos),
+                          archive=archive, segment=segment, has_gaps=not bool(valid.all()), positions=self.positions)
+        if self.packing is None:
+            return replace(pruned, x=gather_tokens(self.x, pos))
+        # Kept rows of the packed values, sample after sample, each in its original order.
+        rows = self.packing.rows.gather(1, pos)[valid]
+        return replace(pruned, x=self.x[:, rows], packing=Packing.from_valid(valid), has_gaps=False)
 
     def restore(self) -> Tensor:
         """All original positions (B, N0, D): carried tokens' values, dropped tokens' last values."""
@@ -143,5 +253,5 @@ class TokenSet:
             raise RuntimeError("this TokenSet was projected (TokenSet.project), so its dropped tokens cannot be "
                                "restored; restore before projecting")
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, self.archive.shape[1] - 1))
-        full = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.x)
+        full = self.archive.scatter(1, slot[..., None].expand(-1, -1, self.x.shape[-1]), self.grid())
         return full[:, :-1]

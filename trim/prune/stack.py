@@ -6,8 +6,10 @@ Trimming modes (the ``trim=`` argument of every trim model):
   the cost is the expectation under the keep probabilities.
 * ``masked`` — masked layout, deterministic decisions (what ``eval`` computes, without
   gathering; used to check invariant 1 and for debugging).
-* ``eval``   — physical layout: kept tokens gathered, kept heads sliced. Cost counts the
-  padding each sample carries in its batch.
+* ``eval``   — physical layout: kept tokens gathered, kept heads computed. ``layout="packed"``
+  (the default) packs the kept tokens of all samples and computes each sample's own heads, so
+  a sample's cost is what it kept; ``layout="padded"`` pads to the batch's longest sample and
+  runs the union of the batch's heads (the cost then counts that padding and those heads).
 * ``off``    — no trimmer runs; the model is the untrimmed original (the teacher).
 
 A trimmer at layer ``l`` decides before block ``l`` runs, so block ``l`` already sees only
@@ -27,6 +29,7 @@ from trim.prune.cost import CostMeter, block_flops, head_trimmer_flops, token_tr
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run
 
 TRIM_MODES = ("train", "masked", "eval", "off")
+LAYOUTS = ("packed", "padded")  # how trim="eval" holds the kept tokens
 
 
 def check_mode(mode: str) -> str:
@@ -51,11 +54,13 @@ class LayerRecord:
 
 
 def start_tokens(x: Tensor, mode: str, *, valid: Tensor | None = None, protect: Tensor | None = None,
-                 segment: Tensor | None = None) -> TokenSet:
-    """The TokenSet layout a mode runs in (physical only for ``eval``)."""
+                 segment: Tensor | None = None, layout: str = "packed") -> TokenSet:
+    """The TokenSet layout a mode runs in (physical only for ``eval``, packed or padded)."""
     check_mode(mode)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout; choose one of {LAYOUTS}")
     return TokenSet.start(x, valid=valid, protect=protect, segment=segment, physical=mode == "eval",
-                          soft=mode == "train")
+                          soft=mode == "train", packed=mode == "eval" and layout == "packed")
 
 
 # (tokens) -> (own pooled feature or None for the default mean, other modality's pooled feature)
@@ -90,33 +95,42 @@ def trim_tokens(trimmer: TokenTrimmer | None, tokens: TokenSet, mode: str, *, ta
 class HeadStep:
     mask: Tensor | None  # (B, H) per-sample head mask, None = all heads
     heads: Tensor | None  # heads computed physically (union over the batch), None = all
+    keep: Tensor | None  # (B, H) bool: each sample's own heads (packed layout), None = all
     cost_heads: Tensor | float | None  # expected (train) or computed (eval) heads, None = all
     kept: Tensor  # (B,) heads each sample kept
     overhead: Tensor | float
 
 
 def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode: str, *, tau: float = 1.0,
-               other: Tensor | None = None) -> HeadStep:
-    """Apply one attention layer's head trimmer (or nothing) in the given trimming mode."""
+               other: Tensor | None = None, packed: bool = False) -> HeadStep:
+    """Apply one attention layer's head trimmer (or nothing) in the given trimming mode.
+
+    ``packed``: the tokens are packed, so each sample runs its own heads (`Attention`'s
+    ``head_keep``) and pays for them alone; padded ``eval`` runs the batch's union instead.
+    """
     if trimmer is None or mode == "off":
-        return HeadStep(None, None, None, torch.full((pooled.shape[0],), float(num_heads), device=pooled.device), 0.0)
+        everything = torch.full((pooled.shape[0],), float(num_heads), device=pooled.device)
+        return HeadStep(None, None, None, None, everything, 0.0)
     mask, prob = trimmer(pooled, other, decision=trimmer_decision(mode), tau=tau)
-    heads, cost = None, None
+    kept = mask.sum(1)
+    overhead = head_trimmer_flops(trimmer)
     if mode == "train":
-        cost = prob.sum(1)
-    elif mode == "eval":
-        heads = heads_to_run(mask)
-        cost = float(heads.numel()) if heads is not None else None
-    elif mode == "masked":
-        cost = mask.sum(1)
-    return HeadStep(mask, heads, cost, mask.sum(1), head_trimmer_flops(trimmer))
+        return HeadStep(mask, None, None, prob.sum(1), kept, overhead)
+    if mode == "masked":
+        return HeadStep(mask, None, None, kept, kept, overhead)
+    if packed:
+        keep = mask.bool()
+        return HeadStep(None, None, None if bool(keep.all()) else keep, kept, kept, overhead)
+    heads = heads_to_run(mask)
+    return HeadStep(mask, heads, None, float(heads.numel()) if heads is not None else None, kept, overhead)
 
 
 def token_cost(tokens: TokenSet, step: TokenStep) -> Tensor | float:
-    """Tokens a block pays for: expected (train), padded length (physical) or alive count."""
+    """Tokens a block pays for: expected (train), padded length (padded physical) or alive count."""
     if step.cost_tokens is not None:
         return step.cost_tokens
-    return float(tokens.x.shape[1]) if tokens.physical else tokens.kept_counts().detach()
+    padded = tokens.physical and tokens.packing is None
+    return float(tokens.x.shape[1]) if padded else tokens.kept_counts().detach()
 
 
 class TrimmedStack(nn.Module):
@@ -144,7 +158,7 @@ class TrimmedStack(nn.Module):
         ``outputs`` collects each block's output TokenSet (BridgeTower's bridges read them).
         """
         check_mode(mode)
-        b = tokens.x.shape[0]
+        b = tokens.batch_size
         full_tokens = tokens.kept_counts().detach()
         for i, block in enumerate(self.blocks):
             key = str(i)
@@ -154,10 +168,11 @@ class TrimmedStack(nn.Module):
             tokens = tok.tokens
             pooled = tokens.mean() if own is None or key not in self.head_trimmers else own
             head = trim_heads(self.head_trimmers[key] if key in self.head_trimmers else None, _num_heads(block),
-                              pooled, mode, tau=tau, other=other_now)
+                              pooled, mode, tau=tau, other=other_now, packed=tokens.packing is not None)
             kept = tokens.kept_counts()
             n_cost = token_cost(tokens, tok)
-            tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads))
+            tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads,
+                                         packing=tokens.packing, head_keep=head.keep))
             if meter is not None:
                 meter.add(block_flops(block, n_cost, head.cost_heads) + tok.overhead + head.overhead,
                           block_flops(block, full_tokens), b, tokens.x.device)

@@ -70,12 +70,12 @@ class TokenTrimmer(nn.Module):
 
     def logits(self, tokens: TokenSet, other: Tensor | None = None, own: Tensor | None = None) -> Tensor:
         own = tokens.mean() if own is None else own
-        h = self.local(tokens.x) + self.global_proj(own)[:, None]
+        h = self.local(tokens.x) + tokens.broadcast(self.global_proj(own))
         if self.cross is not None:
             if other is None:
                 raise ValueError("this TokenTrimmer is cross-modal: pass the other modality's pooled feature")
-            h = h + self.cross(other)[:, None]
-        return self.out(self.act(self.norm(h))).squeeze(-1)
+            h = h + tokens.broadcast(self.cross(other))
+        return tokens.to_grid(self.out(self.act(self.norm(h))).squeeze(-1))
 
     def forward(self, tokens: TokenSet, other: Tensor | None = None, *, own: Tensor | None = None,
                 decision: str = "threshold", tau: float = 1.0) -> tuple[Tensor, Tensor]:
