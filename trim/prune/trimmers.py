@@ -65,8 +65,9 @@ class TokenTrimmer(nn.Module):
         self.out = nn.Linear(hidden, 1)
         _init_keep_all_output(self.out, init_logit)
         self.min_keep = min_keep
-        # Benchmarks and static baselines: keep exactly this fraction of prunable tokens.
-        self.forced_ratio: float | None = None
+        # Benchmarks and static baselines: keep exactly this fraction of prunable tokens, one
+        # fraction for the batch or a (B,) tensor of per-sample fractions.
+        self.forced_ratio: float | Tensor | None = None
 
     def logits(self, tokens: TokenSet, other: Tensor | None = None, own: Tensor | None = None) -> Tensor:
         own = tokens.mean() if own is None else own
@@ -94,7 +95,8 @@ class TokenTrimmer(nn.Module):
         prunable = alive & ~tokens.protect
         sample = None
         if self.forced_ratio is not None:
-            k = torch.ceil(prunable.sum(1) * self.forced_ratio).long().clamp_min(min(self.min_keep, 1))
+            ratio = torch.as_tensor(self.forced_ratio, dtype=logits.dtype, device=logits.device)
+            k = torch.ceil(prunable.sum(1) * ratio).long().clamp_min(min(self.min_keep, 1))
             hard = _forced_topk(logits, prunable, torch.minimum(k, prunable.sum(1)))
         else:
             sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
@@ -122,7 +124,7 @@ class HeadTrimmer(nn.Module):
         self.out = nn.Linear(hidden, num_heads)
         _init_keep_all_output(self.out, init_logit)
         self.min_keep = min_keep
-        self.forced_heads: int | None = None
+        self.forced_heads: int | Tensor | None = None  # heads to keep: one count, or (B,) per sample
 
     def logits(self, pooled: Tensor, other: Tensor | None = None) -> Tensor:
         h = self.global_proj(pooled)
@@ -143,7 +145,7 @@ class HeadTrimmer(nn.Module):
         b = logits.shape[0]
         sample = None
         if self.forced_heads is not None:
-            k = torch.full((b,), min(self.forced_heads, self.num_heads), device=logits.device)
+            k = torch.as_tensor(self.forced_heads, device=logits.device).long().expand(b).clamp(1, self.num_heads)
             return _forced_topk(logits, everything, k).to(logits.dtype), prob
         sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
         hard = sample > 0.5 if sample is not None else deterministic(logits)
