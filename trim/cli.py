@@ -17,12 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("trim.data.cli:main", "make or inspect data (`trim data synth ...`)"),
     "train": ("trim.train.cli:main", "train from a recipe: trim train RECIPE.yaml [key=value ...]"),
     "eval": ("trim.eval.cli:main", "evaluate a checkpoint: trim eval CKPT --task vqa|nlvr2|seg --data SHARDS"),
+    "calibrate": ("trim.eval.calibrate:main", "fit the budget a checkpoint keeps: trim calibrate CKPT --data SHARDS"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: trim <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

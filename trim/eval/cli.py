@@ -2,6 +2,7 @@
 
     trim eval CHECKPOINT --task vqa|nlvr2 --data SHARDS [--split val] [--batch-size 32] [--workers 0]
               [--out DIR] [--max-samples N] [--device cpu|cuda] [--warmup 2] [--repeats 5] [--figures 4]
+              [--budget 0.6 0.5 0.4 0.33]   # a calibrated checkpoint, once per budget (trim calibrate)
     torchrun --nproc_per_node 8 -m trim.cli eval CHECKPOINT --task vqa --data SHARDS   # several processes
     trim eval report EVAL_JSON... --out DIR [--speed throughput|latency]
 
@@ -38,6 +39,10 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip the wall-clock measurement")
     p.add_argument("--figures", type=int, default=4, help="kept-token overlays of the first N samples (default 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--budget", type=float, nargs="+", metavar="B",
+                   help="evaluate once per budget (mean cost ratio), served by the checkpoint's calibration "
+                        "(`trim calibrate`); each writes eval/<task>_budget<B>.json. Default: the calibrated "
+                        "target, or the trained decisions of an uncalibrated model")
     return p
 
 
@@ -73,17 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     args = _eval_parser().parse_args(argv)
-    from trim.eval.evaluate import evaluate, summary
+    from trim.eval.evaluate import evaluate_budgets, summary
 
     try:
-        result = evaluate(args.checkpoint, args.task, args.data, split=args.split, batch_size=args.batch_size,
-                          workers=args.workers, out=args.out, max_samples=args.max_samples, device=args.device,
-                          warmup=args.warmup, repeats=args.repeats, figures=args.figures, answers=args.answers,
-                          speed=not args.no_speed, progress=not args.quiet)
+        results = evaluate_budgets(args.checkpoint, args.task, args.data, args.budget or [None], split=args.split,
+                                   batch_size=args.batch_size, workers=args.workers, out=args.out,
+                                   max_samples=args.max_samples, device=args.device, warmup=args.warmup,
+                                   repeats=args.repeats, figures=args.figures, answers=args.answers,
+                                   speed=not args.no_speed, progress=not args.quiet)
     except TrimError as exn:
         print(f"trim eval: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1
-    if result is not None:  # rank 0
+    for result in results or []:  # rank 0
         print(summary(result))
     return 0
 

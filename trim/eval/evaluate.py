@@ -31,9 +31,11 @@ lives in its own module: ``group`` (process group, gather), ``split`` (the data 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from trim.models import load_model, read_config
 from trim.models.io import resolve_checkpoint
 from trim.ranks import rank_and_world, rank_slice, slice_batch
 
-__all__ = ["SEG_UNAVAILABLE", "TASKS", "EvalError", "evaluate", "summary"]
+__all__ = ["SEG_UNAVAILABLE", "TASKS", "EvalError", "evaluate", "evaluate_budgets", "summary"]
 
 TASKS = ("vqa", "nlvr2", "seg")
 SEG_UNAVAILABLE = (
@@ -78,6 +80,7 @@ class EvalOptions:
     answers: str | os.PathLike | None
     speed: bool
     progress: bool
+    budget: float | None = None  # served through the checkpoint's calibration (None: its default)
 
     def check(self) -> None:
         if self.task == "seg":
@@ -89,6 +92,8 @@ class EvalOptions:
                               f"{self.max_samples}: batch size and max samples must be >= 1, workers >= 0")
         if self.warmup < 0 or self.repeats < 1:
             raise ConfigError(f"--warmup {self.warmup} must be >= 0 and --repeats {self.repeats} >= 1")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ConfigError(f"--budget {self.budget:g} is not a cost ratio; use values in (0, 1]")
 
 
 @dataclass
@@ -132,16 +137,52 @@ def evaluate(
     Writes ``<out or checkpoint>/eval/<stem>.json`` (stem ``<task>`` for val, ``<task>_<split>``
     otherwise), the predictions export, and the figures beside it. See docs/evaluation.md.
     """
-    opts = EvalOptions(task, split, batch_size, workers, max_samples, warmup, repeats, figures, answers, speed,
-                       progress)
-    opts.check()
+    results = evaluate_budgets(checkpoint, task, data, [None], split=split, batch_size=batch_size, workers=workers,
+                               out=out, max_samples=max_samples, device=device, warmup=warmup, repeats=repeats,
+                               figures=figures, answers=answers, speed=speed, progress=progress)
+    return None if results is None else results[0]
+
+
+_DEFAULTS: dict[str, Any] = {"split": "val", "batch_size": 32, "workers": 0, "max_samples": None, "warmup": 2,
+                             "repeats": 5, "figures": 4, "answers": None, "speed": True, "progress": True}
+
+
+def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.PathLike,
+                     budgets: Sequence[float | None], *, out: str | os.PathLike | None = None,
+                     device: str | None = None, **options: Any) -> list[dict[str, Any]] | None:
+    """`evaluate` once per budget (None: the checkpoint's default) with one model load and data
+    check; budget b writes ``eval/<stem>_budget<b>.json``. The list of results on rank 0.
+
+    ``options``: `evaluate`'s keyword arguments. Every budget is checked against the
+    checkpoint's calibration before the first pass (an uncalibrated model or a budget out of
+    its range is a `CalibrationError` naming the range).
+    """
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"evaluate_budgets() got unexpected options {unknown}; known: {sorted(_DEFAULTS)}")
+    if not budgets:
+        raise ConfigError("--budget needs at least one value")
+    kw = {**_DEFAULTS, **options}
+    base = EvalOptions(task, kw["split"], kw["batch_size"], kw["workers"], kw["max_samples"], kw["warmup"],
+                       kw["repeats"], kw["figures"], kw["answers"], kw["speed"], kw["progress"])
+    runs = [dataclasses.replace(base, budget=None if b is None else float(b)) for b in budgets]
+    for opts in runs:
+        opts.check()
     started = time.perf_counter()
     ckpt = resolve_checkpoint(checkpoint, "CHECKPOINT")
     out_dir = _results_dir(ckpt, out)
     group = open_group(device)
     try:
-        run = _setup(opts, ckpt, out_dir, group, Path(data), started)
-        return _evaluate(run)
+        run = _setup(runs[0], ckpt, out_dir, group, Path(data), started)
+        for opts in runs:
+            run.model.budget_shift(opts.budget)
+        results = []
+        for i, opts in enumerate(runs):
+            run = dataclasses.replace(run, opts=opts, started=started if i == 0 else time.perf_counter())
+            if opts.budget is not None:
+                run.log(f"budget {opts.budget:g}: logit shift {run.model.budget_shift(opts.budget):+.3f}")
+            results.append(_evaluate(run, last=i == len(runs) - 1))
+        return results if group.rank == 0 else None
     finally:
         group.close()
 
@@ -169,14 +210,15 @@ def _setup(opts: EvalOptions, ckpt: Path, out_dir: Path, group: ProcessGroup, ro
     return run
 
 
-def _evaluate(run: _Run) -> dict[str, Any] | None:
+def _evaluate(run: _Run, last: bool = True) -> dict[str, Any] | None:
     cfg, group = run.model.config, run.group
     collector = Collector(run.opts.task, run.split.answers, trimmed_layers(run.model), cfg.vision.grid,
                           run.opts.figures if group.rank == 0 else 0)
     parts = group.gather_results(lambda: _run_pass(run, collector))
     if group.rank != 0:
         return None
-    group.close()  # nothing collective from here on: the other ranks may leave
+    if last:
+        group.close()  # nothing collective from here on: the other ranks may leave
     merged = merge(parts, run.opts.task)
     complete = _check_complete(run, merged)
     scores = score(run.opts.task, merged)
@@ -184,7 +226,7 @@ def _evaluate(run: _Run) -> dict[str, Any] | None:
     if run.opts.speed and collector.fixed_batch is not None:
         run.log(f"timing full vs trimmed ({run.opts.warmup} warm-up, {run.opts.repeats} repeats) ...")
         speed = measure_speed(run.model, collector.fixed_batch, group.device, warmup=run.opts.warmup,
-                              repeats=run.opts.repeats)
+                              repeats=run.opts.repeats, budget=run.opts.budget)
     return _write(run, merged, complete, scores, speed, collector)
 
 
@@ -210,7 +252,7 @@ def _run_pass(run: _Run, collector: Collector) -> dict[str, Any]:
             if cap is not None and done + n > cap:
                 batch, n = slice_batch(batch, 0, cap - done), cap - done
             inputs = {k: batch[k].to(group.device) for k in MODEL_INPUTS if k in batch}
-            collector.add(batch, run.model(inputs, trim="eval", track_alive=collector.wants_alive))
+            collector.add(batch, run.model(inputs, trim="eval", track_alive=collector.wants_alive, budget=opts.budget))
             done += n
             bar.update(n)
     return collector.payload(loader.stats.as_dict())
@@ -239,7 +281,7 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
     """The predictions export, the figures and the JSON record; returns the record."""
     task, split = run.opts.task, run.opts.split
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(task, split)
+    stem = output_stem(task, split, run.opts.budget)
     export = write_predictions(task, dict(zip(merged["ids"], merged["predictions"])), run.out_dir, stem)
     figures = write_eval_figures(run.out_dir, stem, f"{run_name(run.recipe, run.ckpt)} {task}/{split}",
                                  merged["cost"], scores.difficulty, scores.difficulty_label, collector.figures,
@@ -247,6 +289,7 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
     result = build_result(ckpt=run.ckpt, recipe=run.recipe, model_config=run.model.config, split=run.split,
                           merged=merged, complete=complete, processes=run.group.world,
                           batch_size=run.opts.batch_size, scores=scores, speed=speed, predictions_file=export.name,
-                          figures=figures, seconds=time.perf_counter() - run.started)
+                          figures=figures, seconds=time.perf_counter() - run.started, budget=run.opts.budget,
+                          calibration=getattr(run.model, "calibration", None))
     result["path"] = str(write_json(result, run.out_dir / f"{stem}.json"))
     return result

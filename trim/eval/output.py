@@ -10,9 +10,11 @@ from typing import Any
 from trim.eval.errors import OutputError
 
 
-def output_stem(task: str, split: str) -> str:
-    """File stem of the results: ``<task>`` for the val split, ``<task>_<split>`` otherwise."""
-    return task if split == "val" else f"{task}_{split}"
+def output_stem(task: str, split: str, budget: float | None = None) -> str:
+    """File stem of the results: ``<task>`` for the val split, ``<task>_<split>`` otherwise, and
+    ``_budget<b>`` after it for an evaluation at an asked budget (``trim eval --budget``)."""
+    stem = task if split == "val" else f"{task}_{split}"
+    return stem if budget is None else f"{stem}_budget{budget:g}"
 
 
 def check_writable(directory: Path, flag: str) -> None:

@@ -63,7 +63,10 @@ def plot_pareto(
     Args:
         points: dicts with ``name`` (label next to the point), ``speedup`` (full time /
             trimmed time, so the unpruned model sits at 1.0), ``accuracy`` and ``group``
-            (method or checkpoint family; one colour and line per group).
+            (method or checkpoint family; one colour and line per group). ``budget_curve``
+            marks a group that is one model served at several budgets (``trim eval
+            --budget``): drawn dash-dotted with square markers, apart from models trained
+            per target.
         path: PNG to write.
 
     The dashed black line is the Pareto front across all groups (``pareto_front``).
@@ -84,7 +87,9 @@ def plot_pareto(
         members = sorted(members, key=lambda p: p["speedup"])
         xs = [p["speedup"] for p in members]
         ys = [p["accuracy"] for p in members]
-        ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.85, label=group or None)
+        curve = any(p.get("budget_curve") for p in members)
+        ax.plot(xs, ys, marker="s" if curve else "o", linestyle="-." if curve else "-", linewidth=1, alpha=0.85,
+                label=group or None)
         for p in members:
             ax.annotate(str(p["name"]), (p["speedup"], p["accuracy"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)

@@ -5,6 +5,10 @@ both in percent) against the wall-clock speedup measured in that same evaluation
 trimmed, same weights and batch: design invariant 5). Points are grouped by the training
 method recorded in the checkpoint (``objective.method``), one Pareto plot per task, and a
 markdown table lists every point with its cost ratio and raw timings.
+
+Evaluations at an asked budget (``trim eval --budget``) form their own group per checkpoint,
+"<run>: one model, budgets", drawn as one curve: the accuracy-vs-speedup trade-off one
+calibrated model serves, next to the models trained per target.
 """
 
 from __future__ import annotations
@@ -44,11 +48,23 @@ def load_eval(path: str | os.PathLike) -> dict[str, Any]:
 
 def _names(results: list[dict[str, Any]]) -> list[str]:
     """Point labels: the run name, made unique with the folder holding eval/ when needed."""
-    base = [str(r.get("name") or Path(r["checkpoint"]).name) for r in results]
+    base = [str(r.get("name") or Path(r["checkpoint"]).name) + _at_budget(r) for r in results]
     # Same run twice (e.g. two --out folders of one checkpoint): add the folder holding eval/.
     names = [f"{b} ({Path(r['_path']).parent.parent.name})" if base.count(b) > 1 else b
              for b, r in zip(base, results)]
     return [f"{n} #{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _at_budget(result: dict[str, Any]) -> str:
+    budget = result.get("budget")
+    return "" if budget is None else f" @{budget:g}"
+
+
+def _group(result: dict[str, Any]) -> str:
+    """The training method, or for a --budget evaluation the one model's budget curve."""
+    if result.get("budget") is not None:
+        return f"{result.get('name') or Path(result['checkpoint']).name}: one model, budgets"
+    return str((result.get("run") or {}).get("method") or result["model"]["family"])
 
 
 def report_points(results: list[dict[str, Any]], speed: str = "throughput") -> list[dict[str, Any]]:
@@ -60,12 +76,14 @@ def report_points(results: list[dict[str, Any]], speed: str = "throughput") -> l
         target = run.get("target")
         rows.append({
             "name": name,
-            "group": str(run.get("method") or result["model"]["family"]),
+            "group": _group(result),
+            "budget_curve": result.get("budget") is not None,
             "task": result["task"],
             "split": result["split"],
             "samples": result["samples"],
             "complete": result["complete"],
             "target": target,
+            "budget": result.get("budget"),
             "accuracy": result.get("accuracy"),
             "accuracy_name": result.get("accuracy_name", "accuracy"),
             "cost_ratio": result["cost_ratio"]["mean"],
@@ -86,13 +104,14 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: list[dict[str, Any]], speed: str = "throughput") -> str:
     """One line per point; the last column marks the points on the Pareto front (``pareto``)."""
     unit = "samples/s" if speed == "throughput" else "ms"
-    head = (f"| name | method | task/split | samples | target | accuracy (%) | cost ratio | speedup ({speed}) | "
-            f"trimmed {unit} | full {unit} | batch | device | Pareto |")
+    head = (f"| name | method | task/split | samples | target | budget | accuracy (%) | cost ratio | "
+            f"speedup ({speed}) | trimmed {unit} | full {unit} | batch | device | Pareto |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         split = r["split"] + ("" if r["complete"] else " (subset)")
         lines.append(
             f"| {r['name']} | {r['group']} | {r['task']}/{split} | {r['samples']} | {_fmt(r['target'], 'g')} | "
+            f"{_fmt(r.get('budget'), 'g')} | "
             f"{_fmt(r['accuracy'], '.2f')} | {r['cost_ratio']:.3f} | {_fmt(r['speedup'], '.2f')} | "
             f"{_fmt(r['trimmed'], '.2f')} | {_fmt(r['full'], '.2f')} | {_fmt(r['batch_size'], 'd')} | "
             f"{r['device'] or '-'} | {'yes' if r.get('pareto') else ''} |")
@@ -132,7 +151,8 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
             front = pareto_front([{"name": r["name"], "speedup": r["speedup"], "accuracy": r["accuracy"]}
                                   for r in plotted])
             front_names = {p["name"] for p in front}
-            path = plot_pareto([{k: r[k] for k in ("name", "speedup", "accuracy", "group")} for r in plotted],
+            path = plot_pareto([{k: r[k] for k in ("name", "speedup", "accuracy", "group", "budget_curve")}
+                                for r in plotted],
                                out / f"pareto_{task}.png", title=f"{task}: accuracy vs measured {speed} speedup",
                                accuracy_label=plotted[0]["accuracy_name"])
             figures.append(path.name)
@@ -146,7 +166,9 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     sections += ["Speedup: wall-clock time of the full model (trim='off') / the trimmed model (trim='eval'), "
                  "measured in the same `trim eval` run on the same weights and batch, interleaved, after warm-up, "
                  f"median of repeats ({speed}: " + ("the eval batch size" if speed == "throughput" else "batch 1")
-                 + "). Cost ratio: mean per-sample FLOPs ratio over the set, padding counted.", ""]
+                 + "). Cost ratio: mean per-sample FLOPs ratio over the set, padding counted. Budget: the mean "
+                 "cost ratio asked of a calibrated checkpoint (`trim eval --budget`; `trim calibrate` fits one logit "
+                 "shift per budget on held-out inputs, so one set of weights serves them all).", ""]
     markdown = "\n".join(sections)
     md_path = atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.json", json.dumps({"speed": speed, "points": rows}, indent=1) + "\n")

@@ -18,16 +18,28 @@ def run_name(recipe: dict[str, Any], ckpt: Path) -> str:
     return str(recipe.get("name") or (ckpt.parent.name if ckpt.name.startswith("step_") else ckpt.name))
 
 
-def _run(recipe: dict[str, Any]) -> dict[str, Any]:
+def _run(recipe: dict[str, Any], budget: float | None) -> dict[str, Any]:
     objective = recipe.get("objective") or {}
     method = objective.get("method")
     # A plain fine-tuning run carries the recipe's default target, which means nothing there.
-    return {"method": method, "target": objective.get("target") if method not in (None, "none") else None}
+    return {"method": method, "target": objective.get("target") if method not in (None, "none") else None,
+            "budget": budget}
+
+
+def _calibration(calibration: Any, budget: float | None) -> dict[str, Any] | None:
+    """What the budget knob did: the budget served and its logit shift (None: uncalibrated)."""
+    if calibration is None:
+        return None
+    lo, hi = calibration.budget_range
+    return {"target": calibration.target, "budget": calibration.target if budget is None else budget,
+            "shift": round(calibration.shift_for(budget), 6), "range": [lo, hi], "fitted_on": calibration.trim,
+            "fitted_cost": calibration.mean_cost}
 
 
 def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
                  complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
-                 predictions_file: str, figures: list[str], seconds: float) -> dict[str, Any]:
+                 predictions_file: str, figures: list[str], seconds: float, budget: float | None = None,
+                 calibration: Any = None) -> dict[str, Any]:
     cfg, n = model_config, len(merged["ids"])
     return {
         "format": EVAL_FORMAT,
@@ -36,7 +48,9 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "split": split.name,
         "checkpoint": str(ckpt.resolve()),
         "data": str(split.root.resolve()),
-        "run": _run(recipe),
+        "run": _run(recipe, budget),
+        "budget": budget,  # asked with --budget; None: the checkpoint's default (its calibrated target)
+        "calibration": _calibration(calibration, budget),
         "model": {"family": cfg.family, "image_size": cfg.vision.image_size, "num_labels": cfg.num_labels,
                   "trim": cfg.to_dict()["trim"]},
         "samples": n,
@@ -64,7 +78,8 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
 
 def summary(result: dict[str, Any]) -> str:
     """The lines `trim eval` prints."""
-    lines = [f"{result['name']}: {result['task']}/{result['split']}, {result['samples']} samples "
+    budget = f" at budget {result['budget']:g}" if result.get("budget") is not None else ""
+    lines = [f"{result['name']}{budget}: {result['task']}/{result['split']}, {result['samples']} samples "
              f"({'whole split' if result['complete'] else 'subset'}), {result['processes']} process(es)"]
     m = result["metrics"]
     if m is None:

@@ -45,9 +45,9 @@ def median(values: list[float]) -> float:
 
 
 def measure_speed(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, *, warmup: int,
-                  repeats: int) -> dict[str, Any]:
-    """Full (trim="off") vs trimmed (trim="eval") wall clock on ``batch`` (throughput) and on
-    its first sample (latency), as `trim eval` reports them."""
+                  repeats: int, budget: float | None = None) -> dict[str, Any]:
+    """Full (trim="off") vs trimmed (trim="eval", at ``budget`` when given) wall clock on ``batch``
+    (throughput) and on its first sample (latency), as `trim eval` reports them."""
     batch = {k: v.to(device) for k, v in batch.items()}
     result: dict[str, Any] = {
         "method": (f"same weights and inputs, trim='off' (full) and trim='eval' (trimmed) called alternately by "
@@ -57,19 +57,22 @@ def measure_speed(model: torch.nn.Module, batch: dict[str, torch.Tensor], device
         "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
     }
     one = {k: v[:1] for k, v in batch.items()}
+    knob = {} if budget is None else {"budget": budget}  # models without the budget knob keep working
+    if budget is not None:
+        result["budget"] = budget
     for name, inputs in (("throughput", batch), ("latency", one)):
         times = time_interleaved({"full": lambda x=inputs: model(x, trim="off"),
-                                  "trimmed": lambda x=inputs: model(x, trim="eval")},
+                                  "trimmed": lambda x=inputs: model(x, trim="eval", **knob)},
                                  warmup=warmup, repeats=repeats, device=device)
-        result[name] = _speed_entry(name, model, inputs, times)
+        result[name] = _speed_entry(name, model, inputs, times, knob)
     return result
 
 
 def _speed_entry(name: str, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                 times: dict[str, list[float]]) -> dict[str, Any]:
+                 times: dict[str, list[float]], knob: dict[str, Any]) -> dict[str, Any]:
     full, trimmed = median(times["full"]), median(times["trimmed"])
     with torch.inference_mode():
-        ratio = float(model(inputs, trim="eval").cost_ratio.float().mean())
+        ratio = float(model(inputs, trim="eval", **knob).cost_ratio.float().mean())
     n = int(inputs["pixel_values"].shape[0])
     entry: dict[str, Any] = {"batch_size": n, "cost_ratio": round(ratio, 4), "speedup": round(full / trimmed, 4)}
     if name == "throughput":

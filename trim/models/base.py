@@ -9,6 +9,7 @@ from trim.models.config import ModelConfig
 from trim.models.output import ModelOutput
 from trim.models.streams import per_image
 from trim.prune import CostMeter, LayerRecord, trimmer_modules
+from trim.prune.calibrate import Calibration, CalibrationError, logit_shift
 from trim.prune.stack import check_mode
 
 
@@ -22,6 +23,9 @@ class TrimModel(nn.Module):
 
     config: ModelConfig
     head: nn.Module
+    # Budget -> logit shift of a calibrated model (trim.prune.calibrate); load_model attaches it
+    # from config.json. None: decisions are the trained logits' own (``logit > 0``).
+    calibration: Calibration | None = None
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
@@ -29,10 +33,36 @@ class TrimModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False,
-                layout: str = "packed") -> ModelOutput:
-        """``trim``: a trimming mode (`trim.prune.TRIM_MODES`); ``layout``: how ``trim="eval"``
-        holds the kept tokens, ``packed`` (each sample pays for what it kept) or ``padded``."""
+                budget: float | None = None, layout: str = "packed") -> ModelOutput:
+        """``trim``: a trimming mode (`trim.prune.TRIM_MODES`).
+
+        ``budget``: the mean cost ratio to serve with deterministic decisions (``masked`` /
+        ``eval``), through the calibrated logit shift; None serves the calibrated target (or, for
+        an uncalibrated model, the trained logits as they are).
+        ``layout``: how ``trim="eval"`` holds the kept tokens, ``packed`` (each sample pays for
+        what it kept) or ``padded`` (every sample padded to the batch's longest).
+        """
         check_mode(trim)
+        if budget is not None and trim not in ("masked", "eval"):
+            raise CalibrationError(f"budget={budget:g} with trim={trim!r}: a budget shifts deterministic "
+                                   "decisions; use trim='eval' (or 'masked')")
+        shift = self.budget_shift(budget) if trim in ("masked", "eval") else 0.0
+        if shift:
+            with logit_shift(self, shift):
+                return self._forward(batch, trim, tau, track_alive, layout)
+        return self._forward(batch, trim, tau, track_alive, layout)
+
+    def budget_shift(self, budget: float | None) -> float:
+        """The logit shift that serves ``budget`` (see ``forward``)."""
+        if self.calibration is None:
+            if budget is None:
+                return 0.0
+            raise CalibrationError(f"budget={budget:g} needs a calibrated model, and this one has no calibration "
+                                   "(config.json has no 'calibration' section); run `trim calibrate CHECKPOINT "
+                                   "--data ROOT` (training calibrates its final checkpoint) or drop the budget")
+        return self.calibration.shift_for(budget)
+
+    def _forward(self, batch: dict, trim: str, tau: float, track_alive: bool, layout: str) -> ModelOutput:
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask

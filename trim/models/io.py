@@ -29,8 +29,12 @@ from trim.errors import CheckpointError, ConfigError
 from trim.models.base import TrimModel
 from trim.models.config import ModelConfig
 from trim.prune import trimmer_modules
+from trim.prune.calibrate import Calibration, CalibrationError
 
 CONFIG_NAME, WEIGHTS_NAME, LATEST_NAME = "config.json", "model.safetensors", "latest"
+# config.json's section with the fitted budget -> logit shift table (trim.prune.calibrate). Not part
+# of the model config: a recipe cannot set it and init_from does not inherit a stale one.
+CALIBRATION_KEY = "calibration"
 
 
 def create_model(cfg: ModelConfig | dict) -> TrimModel:
@@ -55,7 +59,10 @@ def save_model(model: TrimModel, directory: str | os.PathLike, extra: dict[str, 
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_NAME))
-    (tmp / CONFIG_NAME).write_text(json.dumps({"model": model.config.to_dict(), **(extra or {})}, indent=2))
+    config: dict[str, Any] = {"model": model.config.to_dict()}
+    if getattr(model, "calibration", None) is not None:
+        config[CALIBRATION_KEY] = model.calibration.to_dict()
+    (tmp / CONFIG_NAME).write_text(json.dumps({**config, **(extra or {})}, indent=2))
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         final.rename(old)
@@ -196,7 +203,32 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> TrimM
     model = create_model(read_model_config(directory))
     weights = directory / WEIGHTS_NAME
     load_weights(model, read_weights(weights, map_location), source=f"{weights} (built from {directory / CONFIG_NAME})")
+    model.calibration = read_calibration(directory)
     return model
+
+
+def read_calibration(directory: str | os.PathLike) -> Calibration | None:
+    """The checkpoint's budget calibration (``config.json``'s ``calibration``), None when uncalibrated."""
+    data = read_config(directory).get(CALIBRATION_KEY)
+    if data is None:
+        return None
+    where = f"{Path(directory) / CONFIG_NAME}: {CALIBRATION_KEY}"
+    try:
+        return Calibration.from_dict(data, where=where)
+    except CalibrationError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def write_calibration(directory: str | os.PathLike, calibration: Calibration) -> Path:
+    """Store ``calibration`` in a checkpoint's ``config.json``, every other key kept, atomically
+    (a temporary file renamed over it: a crash leaves the old file or the new one)."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_config(directory)
+    data[CALIBRATION_KEY] = calibration.to_dict()
+    tmp = path.with_name(f"{CONFIG_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def transfer_weights(source_model: nn.Module, model: nn.Module, *, source: str) -> list[str]:

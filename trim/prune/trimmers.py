@@ -16,6 +16,11 @@ How a keep probability becomes a decision is the ``decision`` argument:
 * ``"threshold"``: keep where the probability exceeds 1/2, deterministic (every other
   trimming mode).
 
+A deterministic decision can be shifted: ``logit_shift`` (0 unless a budget is asked for,
+set by `trim.prune.calibrate.logit_shift`) is added to the logits before the threshold, so a
+larger shift keeps more. Sampled decisions never see it: training learns the logits
+themselves, and the shift is what calibration fits after training (``calibrate.py``).
+
 Both start as no-ops (design invariant 3): the last layer's weights are zero and its bias
 is ``init_logit`` > 0, so every token and head is kept until training says otherwise.
 """
@@ -43,6 +48,12 @@ def _check_decision(decision: str) -> None:
         raise ValueError(f"decision={decision!r}; choose one of {DECISIONS}")
 
 
+def _shifted(trimmer: nn.Module, logits: Tensor, decision: str) -> Tensor:
+    """The logits a decision reads: shifted by the trimmer's ``logit_shift`` when deterministic."""
+    shift = getattr(trimmer, "logit_shift", 0.0)
+    return logits + shift if decision == "threshold" and shift else logits
+
+
 def _forced_topk(logits: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
     """Keep the k highest-logit eligible entries per row (k: (B,) long)."""
     scores = logits.masked_fill(~eligible, float("-inf"))
@@ -68,6 +79,7 @@ class TokenTrimmer(nn.Module):
         # Benchmarks and static baselines: keep exactly this fraction of prunable tokens, one
         # fraction for the batch or a (B,) tensor of per-sample fractions.
         self.forced_ratio: float | Tensor | None = None
+        self.logit_shift = 0.0  # added to the logits of deterministic decisions (a budget)
 
     def logits(self, tokens: TokenSet, other: Tensor | None = None, own: Tensor | None = None) -> Tensor:
         own = tokens.mean() if own is None else own
@@ -89,7 +101,7 @@ class TokenTrimmer(nn.Module):
         alive tokens), e.g. the mean of the image tokens only in a single-stream model.
         """
         _check_decision(decision)
-        logits = self.logits(tokens, other, own)
+        logits = _shifted(self, self.logits(tokens, other, own), decision)
         prob = torch.sigmoid(logits)
         alive = tokens.keep.bool()
         prunable = alive & ~tokens.protect
@@ -125,6 +137,7 @@ class HeadTrimmer(nn.Module):
         _init_keep_all_output(self.out, init_logit)
         self.min_keep = min_keep
         self.forced_heads: int | Tensor | None = None  # heads to keep: one count, or (B,) per sample
+        self.logit_shift = 0.0  # added to the logits of deterministic decisions (a budget)
 
     def logits(self, pooled: Tensor, other: Tensor | None = None) -> Tensor:
         h = self.global_proj(pooled)
@@ -139,7 +152,7 @@ class HeadTrimmer(nn.Module):
         """Return (head mask (B, H) float, keep probability (B, H)); straight-through for
         ``decision="sample"``."""
         _check_decision(decision)
-        logits = self.logits(pooled, other)
+        logits = _shifted(self, self.logits(pooled, other), decision)
         prob = torch.sigmoid(logits)
         everything = torch.ones_like(logits, dtype=torch.bool)
         b = logits.shape[0]
