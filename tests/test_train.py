@@ -279,6 +279,13 @@ def test_train_checkpoint_resume_and_init_from(shapes, tmp_path, capsys):
     ev = [m for m in metrics if m["kind"] == "eval"][-1]
     assert ev["trim"] == "masked" and ev["cost_ratio"] > 0
     assert list_checkpoints(out / "st")[-1] == latest_checkpoint(out / "st")
+    # The final checkpoint is calibrated to the target on held-out inputs, and serves it by default.
+    summary = json.loads((out / "st" / "summary.json").read_text())
+    target = json.loads((out / "st" / "step_3" / "config.json").read_text())["objective"]["target"]
+    assert summary["calibration"]["target"] == target and summary["calibration"]["samples"] == 24
+    assert trimmed.calibration is not None and trimmed.calibration.target == target
+    assert summary["calibration"]["mean_cost"] == pytest.approx(trimmed.calibration.mean_cost)
+    assert "calibration" not in json.loads((run / "step_6" / "config.json").read_text())  # method none: not fitted
 
 
 def test_resume_refuses_a_different_model(shapes, tmp_path):

@@ -198,6 +198,9 @@ class ObjectiveConfig:
     # so that inference's deterministic rule (keep if p > 1/2) costs what training expected
     binarize: float = 0.0
     gumbel: GumbelConfig = field(default_factory=GumbelConfig)
+    # held-out (val) inputs on which the final checkpoint's budget calibration is fitted (0: none),
+    # so the mean eval cost lands on the target (trim.prune.calibrate)
+    calibration_samples: int = 512
     # how periodic evaluation runs the trimmed model: masked = inference's decisions and outputs,
     # cost per sample as if run alone; eval = gathered layout, cost includes each batch's padding
     eval_trim: Literal["masked", "eval"] = "masked"
@@ -207,6 +210,8 @@ class ObjectiveConfig:
         if not (0.0 < self.target <= 1.0):
             raise ConfigError(f"objective.target={self.target} is not a cost ratio; use a value in (0, 1] "
                               "(0.5 keeps about half of the FLOPs, 1.0 keeps everything)")
+        if self.calibration_samples < 0:
+            raise ConfigError(f"objective.calibration_samples={self.calibration_samples} must be >= 0 (0: no calibration)")
         for key in ("task_weight", "lambda_cost", "hidden_cosine", "binarize"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}={getattr(self, key)} must be >= 0")

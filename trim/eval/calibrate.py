@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from trim.errors import ConfigError, TrimError
-from trim.prune.calibrate import Calibration, calibrate
+from trim.models.base import MODEL_INPUTS
+from trim.prune.calibrate import CALIBRATION_SAMPLES, Calibration, calibrate, held_out_inputs
 
-DEFAULT_SAMPLES = 512
 
 
 def recipe_target(recipe: dict[str, Any], ckpt: Path) -> float:
@@ -45,7 +45,7 @@ def held_out_batches(ckpt: Path, model: Any, recipe: dict[str, Any], data: str |
 
     cfg = model.config
     source = read_split(Path(data), cfg.task, split, cfg, recipe, None)
-    batches = _take(source.loader(cfg, batch_size, 0), samples)
+    batches = held_out_inputs(source.loader(cfg, batch_size, 0), MODEL_INPUTS, samples)
     if not batches:
         raise ConfigError(f"{data}: {cfg.task}/{split} gave no samples to calibrate {ckpt} on; pick a split with "
                           "samples (--split)")
@@ -54,7 +54,7 @@ def held_out_batches(ckpt: Path, model: Any, recipe: dict[str, Any], data: str |
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
                          batches: Iterable[dict] | None = None, target: float | None = None, split: str = "val",
-                         samples: int = DEFAULT_SAMPLES, batch_size: int = 32, device: str | torch.device | None = None,
+                         samples: int = CALIBRATION_SAMPLES, batch_size: int = 32, device: str | torch.device | None = None,
                          trim_mode: str = "masked") -> Calibration:
     """Load ``checkpoint``, fit its calibration on held-out inputs and store it in its config.json.
 
@@ -80,28 +80,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike 
         batches = held_out_batches(ckpt, model, recipe, data, split=split, samples=samples, batch_size=batch_size)
         source = {"data": str(Path(data).resolve()), "split": split}
     else:
-        batches = _take(batches, samples)
+        batches = held_out_inputs(batches, MODEL_INPUTS, samples)
         source = {"data": "batches passed by the caller"}
     cal = calibrate(model, batches, target, trim_mode=trim_mode, source=source)
     write_calibration(ckpt, cal)
     return cal
-
-
-def _take(batches: Iterable[dict], samples: int) -> list[dict]:
-    """The first ``samples`` inputs of ``batches`` (model inputs only: labels are not needed)."""
-    from trim.eval.collect import MODEL_INPUTS
-    from trim.ranks import slice_batch
-
-    out, seen = [], 0
-    for batch in batches:
-        if seen >= samples:
-            break
-        n = int(batch["pixel_values"].shape[0])
-        if seen + n > samples:
-            batch, n = slice_batch(batch, 0, samples - seen), samples - seen
-        out.append({k: batch[k] for k in MODEL_INPUTS if k in batch})
-        seen += n
-    return out
 
 
 def describe(cal: Calibration) -> str:
@@ -118,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model directory, or a run folder whose 'latest' names one")
     p.add_argument("--data", required=True, help="shard root (manifest.json, tokenizer.json, <task>/<split>-*.tar)")
     p.add_argument("--split", default="val", help="split whose inputs the fit reads (default val; labels unused)")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"inputs to fit on (default {DEFAULT_SAMPLES})")
+    p.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES, help=f"inputs to fit on (default {CALIBRATION_SAMPLES})")
     p.add_argument("--target", type=float, help="mean cost ratio the model serves by default "
                                                 "(default: the recipe's objective.target)")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")

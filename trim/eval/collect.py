@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trim.models.base import MODEL_INPUTS
 from trim.eval.errors import EvalError
 from trim.models.streams import CROSS_IMAGE, IMAGE_STREAMS, TRIM_KEYS, VILT, split_record_name
 
 # The loader's normalisation ((x / 255 - mean) / std); the overlays undo it.
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # Per-sample columns each task keeps beside the prediction (what its metrics need).
 EXTRA_KEYS = {"vqa": ("answers", "answer_type", "question_type"), "nlvr2": ("label", "loss")}
 

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from trim.errors import ConfigError
-from trim.eval.collect import MODEL_INPUTS, Collector, merge, trimmed_layers
+from trim.eval.collect import Collector, merge, trimmed_layers
+from trim.models.base import MODEL_INPUTS
 from trim.eval.errors import EvalError
 from trim.eval.group import ProcessGroup, open_group
 from trim.eval.output import check_writable, output_stem, write_json, write_predictions

@@ -13,6 +13,9 @@ from trim.prune.calibrate import Calibration, CalibrationError, logit_shift
 from trim.prune.stack import check_mode
 
 
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")  # the batch keys a model reads
+
+
 class TrimModel(nn.Module):
     """A VL model whose ``forward(batch, trim=...)`` returns a `ModelOutput`.
 

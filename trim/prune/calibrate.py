@@ -42,6 +42,9 @@ SHIFT_BOUND = 32.0  # |shift| at which every trimmer keeps all (or its minimum):
 MIN_STEP = 1e-3  # bisection stops when the shift interval is this narrow
 
 
+CALIBRATION_SAMPLES = 512  # held-out inputs a fit reads by default
+
+
 class CalibrationError(TrimError, ValueError):
     """A budget the model cannot serve (out of range, uncalibrated model, bad calibration data)."""
 
@@ -238,3 +241,14 @@ def calibrate(model: nn.Module, batches: Iterable[dict], target: float, *, trim_
     model.calibration = cal
     return cal
 
+
+def held_out_inputs(batches: Iterable[dict], keys: Sequence[str], samples: int = CALIBRATION_SAMPLES) -> list[dict]:
+    """The first ``samples`` rows of ``batches``, only their ``keys`` (model inputs: a fit needs no labels)."""
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        n = min(int(batch["pixel_values"].shape[0]), samples - seen)
+        out.append({k: batch[k][:n] for k in keys if k in batch})
+        seen += n
+    return out

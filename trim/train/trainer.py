@@ -29,7 +29,10 @@ import torch
 
 from trim.config import Recipe
 from trim.errors import ConfigError
-from trim.models.io import WEIGHTS_NAME, load_weights, read_weights, resolve_checkpoint, transfer_weights, trimmer_keys
+from trim.models.base import MODEL_INPUTS
+from trim.models.io import (WEIGHTS_NAME, load_model, load_weights, read_weights, resolve_checkpoint, transfer_weights,
+                            trimmer_keys, write_calibration)
+from trim.prune.calibrate import calibrate, held_out_inputs
 from trim.ranks import rank_and_world, rank_slice, slice_batch
 from trim.train.checkpoint import STATE_NAME, CheckpointIO, fault_point, latest_checkpoint, list_checkpoints
 from trim.train.data import DataSources, TrainStream, add_reads, batch_size_of, no_reads
@@ -417,6 +420,7 @@ class Trainer:
         self.window: dict[str, list[float]] = {}
         self.step_times: list[float] = []
         self.last_eval: dict[str, Any] | None = None
+        self.calibration: dict[str, Any] | None = None
         self.model.train()
         while self.step < r.train.steps:
             self._train_step()
@@ -424,6 +428,28 @@ class Trainer:
         self.bar.close()
         if self.last_saved != self.step:
             self.save_checkpoint()
+        self.calibration = self.calibrate()
+
+    def calibrate(self) -> dict[str, Any] | None:
+        """Fit the final checkpoint's budget calibration on held-out inputs, so its mean eval cost
+        is the target (`trim.prune.calibrate`). The main process fits on the checkpoint as saved
+        (however the model was wrapped or sharded) and writes it into its config.json."""
+        r = self.recipe
+        if not self.objective.trains_trimmers or self.val_factory is None or not r.objective.calibration_samples:
+            return None
+        result = None
+        if self.main:
+            step_dir = latest_checkpoint(self.run_dir)
+            model = load_model(step_dir).to(self.acc.device).eval()
+            inputs = held_out_inputs(self.val_factory(), MODEL_INPUTS, r.objective.calibration_samples)
+            inputs = [{k: v.to(self.acc.device) for k, v in batch.items()} for batch in inputs]
+            cal = calibrate(model, inputs, r.objective.target, source={"split": r.data.val_split})
+            write_calibration(step_dir, cal)
+            log.info("calibrated %s for target %.3f: logit shift %+.3f, mean cost %.4f on %d %s samples",
+                     step_dir.name, cal.target, cal.shift, cal.mean_cost, cal.samples, r.data.val_split)
+            result = {k: v for k, v in cal.to_dict().items() if k != "table"}
+        self.acc.wait_for_everyone()
+        return result
 
     def _train_step(self) -> None:
         """One optimizer step over ``grad_accum`` micro-batches; its numbers go to the log window."""
@@ -543,7 +569,8 @@ class Trainer:
             "train_time_s": round(sum(times), 3),
             "step_time_median_s": statistics.median(times[len(times) // 10:]) if times else None,
             "train_reads": reads,
-            "final_eval": self.last_eval, "checkpoint": str(latest_checkpoint(self.run_dir)),
+            "final_eval": self.last_eval, "calibration": self.calibration,
+            "checkpoint": str(latest_checkpoint(self.run_dir)),
         }
         if reads["skipped"] and self.main:
             log.warning("training skipped %d corrupt samples (%s); see the trim.data warnings for shard and key",
