@@ -5,9 +5,8 @@ Everything a pruning method needs is an argument of `Attention.forward`:
 * ``key_keep`` (B, Nk): which keys may be attended. A bool mask goes to
   ``scaled_dot_product_attention``; a float mask (0/1 values carrying straight-through
   gradients during training) renormalises the softmax over the kept keys,
-  ``p_ij = m_j exp(s_ij) / sum_k m_k exp(s_ik)`` (computed as SDPA with the additive mask
-  ``log(m_j + eps)``), so the trimmer that made ``m`` gets a gradient. For 0/1 values both
-  give the same result.
+  ``p_ij = m_j exp(s_ij) / sum_k m_k exp(s_ik)``, so the trimmer that made ``m`` gets a
+  gradient. For 0/1 values both give the same result.
 * ``head_mask`` (B, H) float: each head's output is scaled per sample before the output
   projection (0 = head dropped, gradients flow to the head trimmer).
 * ``heads`` (H',) long: compute only these heads by slicing the q/k/v rows and the output
@@ -38,10 +37,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-# Additive soft-mask floor: log(1e-30) = -69 hides a pruned key; 1 + 1e-30 == 1 in float32.
-SOFT_MASK_EPS = 1e-30
 
 
 def head_rows(heads: Tensor, head_dim: int) -> Tensor:
@@ -177,18 +172,15 @@ class Attention(nn.Module):
     def _soft_masked_attention(
         self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attn_bias: Tensor | None
     ) -> Tensor:
-        """``p_ij = m_j exp(s_ij) / sum_k m_k exp(s_ik)`` as SDPA with the additive mask ``log(m_j + eps)``.
-
-        The forward equals the renormalised softmax up to ``eps`` (kept: ``log(1 + eps) = 0`` in
-        float32; pruned: ``exp(s_ij - 69)``, nothing unless a pruned score beats the kept ones by
-        ~50). The mask's gradient is ``dL/db_j / (m_j + eps)`` where ``dL/db_j`` is proportional to
-        ``p_ij``, itself proportional to ``m_j + eps``: the ratio is the renormalised softmax's own
-        gradient w.r.t. ``m_j``, also at ``m_j = 0`` (no 0 * inf), so trimmers get their gradients
-        while attention runs in one fused kernel.
-        """
-        # float16 cannot hold eps (or the ~eps-sized gradients of pruned keys): run those in float32.
-        dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-        log_keep = torch.log(keep.float() + SOFT_MASK_EPS)[:, None, None, :].to(dtype)
-        mask = log_keep if attn_bias is None else attn_bias.to(dtype) + log_keep
-        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=self.scale)
-        return out.to(q.dtype)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        m = keep[:, None, None, :].to(scores.dtype)
+        # Subtracting the max over kept keys only stabilises exp(); it cancels in the ratio.
+        shift = scores.detach().masked_fill(m == 0, float("-inf")).amax(-1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # Kept keys sit at <= 0 after the shift; pruned ones may be far above it. Capping them
+        # keeps exp() finite (0 * inf would be NaN) while their gradient w.r.t. m stays alive.
+        weights = torch.exp((scores - shift).clamp(max=20.0)) * m
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        return weights @ v
