@@ -148,7 +148,13 @@ def main() -> int:
     p.add_argument("--step-ratio-only", action="store_true",
                    help="only step 6, on the SmartTrim recipe's model with random weights (no training runs)")
     p.add_argument("--rounds", type=int, default=30, help="alternating pairs timed in step 6")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in step 6 (default: torch's); 1 is steadier on a machine shared with other jobs")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
