@@ -17,6 +17,9 @@
    On a shared machine this is the robust number: load changes between the runs above shift
    their medians, but hit both sides of an interleaved pair alike.
 
+``--step-ratio-only`` runs step 6 alone, on the SmartTrim recipe's model with random weights
+and 1k synthetic questions (no training runs; about a minute).
+
 Every run is a real ``python -m trim.train`` subprocess; ``--scale`` multiplies all step
 counts (0.1 for a smoke run). Runs already complete in ``--out`` are not repeated unless
 ``--fresh`` is given.
@@ -64,19 +67,43 @@ def train(name: str, recipe: str, out: Path, data: Path, overrides: list[str], f
 
 def interleaved_step_times(run: Path, data: Path, *, rounds: int = 30, batch_size: int = 32) -> tuple[float, float]:
     """Median seconds of a plain fine-tuning step and of a SmartTrim step, alternating (see 6.)."""
+    from trim.config import load_recipe
+    from trim.models import load_model
+
+    step_dir = run / (run / "latest").read_text().strip()
+    config = json.loads((step_dir / "config.json").read_text())
+    recipe = load_recipe({k: v for k, v in config.items() if k != "model_source"}, [f"data.root={data}"])
+    return time_steps(load_model(step_dir).train(), recipe, data, rounds=rounds, batch_size=batch_size)
+
+
+def fresh_step_times(data: Path, *, rounds: int = 30, batch_size: int = 32) -> tuple[float, float]:
+    """`interleaved_step_times` on the SmartTrim recipe's model with random weights (no training
+    run needed): the masked training layout computes every token whatever the decisions, so the
+    step time does not depend on what the weights have learnt."""
+    import torch
+    import yaml
+
+    from trim.config import load_recipe
+    from trim.models import create_model
+
+    full = yaml.safe_load((ROOT / "recipes/shapes_vqa_dual_tiny_full.yaml").read_text())["model"]
+    raw = yaml.safe_load((ROOT / "recipes/shapes_vqa_dual_tiny_smarttrim.yaml").read_text())
+    raw["model"] = {**full, "trim": raw["model"]["trim"]}
+    recipe = load_recipe(raw, [f"data.root={data}"])
+    torch.manual_seed(0)
+    return time_steps(create_model(recipe.model.config).train(), recipe, data, rounds=rounds, batch_size=batch_size)
+
+
+def time_steps(model, recipe, data: Path, *, rounds: int, batch_size: int) -> tuple[float, float]:
+    """Alternate one plain fine-tuning step and one SmartTrim step on the same batches; median of each."""
     import statistics
 
     import torch
 
     from trim.config import load_recipe
     from trim.data import build_loader, load_tokenizer, split_urls
-    from trim.models import load_model
     from trim.train.objectives import build_objective
 
-    step_dir = run / (run / "latest").read_text().strip()
-    config = json.loads((step_dir / "config.json").read_text())
-    recipe = load_recipe({k: v for k, v in config.items() if k != "model_source"}, [f"data.root={data}"])
-    model = load_model(step_dir).train()
     smarttrim = build_objective(recipe.objective, "vqa")
     plain = build_objective(load_recipe(recipe.to_dict(), ["objective.method=none"]).objective, "vqa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -105,21 +132,41 @@ def interleaved_step_times(run: Path, data: Path, *, rounds: int = 30, batch_siz
     return statistics.median(times["plain"]), statistics.median(times["smarttrim"])
 
 
+def write_data(data: Path, out: Path, train: int, val: int) -> None:
+    if not (data / "manifest.json").is_file():
+        print(f"writing synthetic data to {data}", flush=True)
+        sh([sys.executable, "-m", "trim.cli", "data", "synth", "--out", str(data), "--train", str(train), "--val",
+            str(val), "--test", "0", "--image-size", "64", "--tasks", "vqa", "--quiet"], out / "data.log")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/bench_shapes/data")
     p.add_argument("--out", default="runs/bench_shapes")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (0.1: smoke run)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--step-ratio-only", action="store_true",
+                   help="only step 6, on the SmartTrim recipe's model with random weights (no training runs)")
+    p.add_argument("--rounds", type=int, default=30, help="alternating pairs timed in step 6")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in step 6 (default: torch's); 1 is steadier on a machine shared with other jobs")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    if not (data / "manifest.json").is_file():
-        print(f"writing synthetic data to {data}", flush=True)
-        sh([sys.executable, "-m", "trim.cli", "data", "synth", "--out", str(data), "--train", "10000", "--val", "1000",
-            "--test", "0", "--image-size", "64", "--tasks", "vqa", "--quiet"], out / "data.log")
+    if args.step_ratio_only:
+        write_data(data, out, 1000, 0)
+        plain_s, st_s = fresh_step_times(data, rounds=args.rounds)
+        print(f"interleaved in one process (tiny dual SmartTrim recipe, random weights, same 32-sample batches, "
+              f"{args.rounds} alternating pairs): plain fine-tuning step {plain_s:.4f} s, SmartTrim step {st_s:.4f} s "
+              f"-> {st_s / plain_s:.2f}x")
+        return 0
+    write_data(data, out, 10_000, 1000)
 
     import yaml
 
@@ -160,8 +207,8 @@ def main() -> int:
         print(f"| {label:<28} | {s['steps']:>5} | {ev.get('accuracy', float('nan')):>7.4f} | "
               f"{ev.get('cost_ratio', float('nan')):>14.4f} | {s['step_time_median_s']:>13.4f} | {ratio:>10.2f}x | "
               f"{s['wall_s']:>8.1f} |")
-    plain_s, st_s = interleaved_step_times(out / "smarttrim_05", data)
-    print(f"\ninterleaved in one process (SmartTrim 0.5 model, same 32-sample batches, 30 alternating pairs): "
+    plain_s, st_s = interleaved_step_times(out / "smarttrim_05", data, rounds=args.rounds)
+    print(f"\ninterleaved in one process (SmartTrim 0.5 model, same 32-sample batches, {args.rounds} alternating pairs): "
           f"plain fine-tuning step {plain_s:.4f} s, SmartTrim step {st_s:.4f} s -> {st_s / plain_s:.2f}x")
     print(f"total wall time of this script: {time.perf_counter() - started:.0f} s")
     return 0

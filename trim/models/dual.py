@@ -125,8 +125,8 @@ class DualStreamModel(TrimModel):
                 v = v.with_x(self.image_links[j - 1](self._bridge(image_outs[uni], v, image=True) + v.x))
             # Both streams decide from the previous layer's outputs, each seeing the other's summary.
             t_pool, v_pool = t.mean(), v.mean()
-            ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, other=v_pool)
-            vs = trim_tokens(self._trimmer("image_tokens", j), v, mode, tau=tau, other=t_pool)
+            ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, own=t_pool, other=v_pool)
+            vs = trim_tokens(self._trimmer("image_tokens", j), v, mode, tau=tau, own=v_pool, other=t_pool)
             t, v = ts.tokens, vs.tokens
             t_pool, v_pool = t.mean(), v.mean()
             h = cfg.cross_heads

@@ -30,14 +30,16 @@ Count = Tensor | float | int
 
 
 def attention_flops(attn: Attention, n: Count, heads: Count, m: Count | None = None) -> Count:
-    m = n if m is None else m
-    d_h = attn.head_dim
-    return (2 * n * attn.dim * heads * d_h + 4 * m * attn.kv_dim * heads * d_h
-            + 4 * heads * n * m * d_h + 2 * n * heads * d_h * attn.dim)
+    # The four terms of the docstring share 4 h d_h: 4 h d_h (n D + m D_kv + n m). Factored so
+    # that tensor counts (training) cost a handful of tensor ops per layer, not one per factor.
+    per_head = 4 * attn.head_dim * heads
+    if m is None:
+        return per_head * (n * (attn.dim + attn.kv_dim + n))
+    return per_head * (n * (attn.dim + m) + m * attn.kv_dim)
 
 
 def mlp_flops(mlp: Mlp, n: Count) -> Count:
-    return 4 * n * mlp.fc1.in_features * mlp.fc1.out_features
+    return n * (4 * mlp.fc1.in_features * mlp.fc1.out_features)
 
 
 def block_flops(block: nn.Module, n: Count, heads: Count | None = None, *,
