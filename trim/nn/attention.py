@@ -4,7 +4,8 @@ Everything a pruning method needs is an argument of `Attention.forward`:
 
 * ``key_keep`` (B, Nk): which keys may be attended. A bool mask goes to
   ``scaled_dot_product_attention``; a float mask (0/1 values carrying straight-through
-  gradients during training) renormalises the softmax over the kept keys,
+  gradients during training) runs the same SDPA call with ``m > 0`` in the forward
+  (`SoftMaskedAttention`) and back-propagates the renormalised softmax over the kept keys,
   ``p_ij = m_j exp(s_ij) / sum_k m_k exp(s_ik)``, so the trimmer that made ``m`` gets a
   gradient. For 0/1 values both give the same result.
 * ``head_mask`` (B, H) float: each head's output is scaled per sample before the output
@@ -252,18 +253,94 @@ class Attention(nn.Module):
     def _soft_masked_attention(
         self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attn_bias: Tensor | None
     ) -> Tensor:
-        scores = (q @ k.transpose(-2, -1)) * self.scale
-        if attn_bias is not None:
-            scores = scores + attn_bias
-        m = keep[:, None, None, :].to(scores.dtype)
-        # Subtracting the max over kept keys only stabilises exp(); it cancels in the ratio.
-        shift = scores.detach().masked_fill(m == 0, float("-inf")).amax(-1, keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        # Kept keys sit at <= 0 after the shift; pruned ones may be far above it. Capping them
-        # keeps exp() finite (0 * inf would be NaN) while their gradient w.r.t. m stays alive.
-        weights = torch.exp((scores - shift).clamp(max=20.0)) * m
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        return weights @ v
+        return SoftMaskedAttention.apply(q, k, v, keep, attn_bias, self.scale)
+
+
+class SoftMaskedAttention(torch.autograd.Function):
+    """Attention over the keys a float 0/1 mask ``m`` (B, Nk) keeps, with a gradient for ``m``.
+
+    Forward: ``scaled_dot_product_attention`` with the bool mask ``m > 0`` (merged into the
+    additive ``attn_bias`` as ``-inf`` where pruned), i.e. exactly the inference computation,
+    so the masked layout equals the physical one (design invariant 1) whatever the scores
+    of the pruned keys.
+
+    Backward: the gradient of the renormalised softmax
+    ``p_ij = m_j e_ij / Z_i``, ``e_ij = exp(min(s_ij - shift_i, 20))``, ``Z_i = sum_k m_k e_ik``
+    (``shift_i`` = max score over kept keys; the cap keeps ``e`` finite for pruned keys far
+    above the kept ones), which for 0/1 values of ``m`` has the same forward value:
+
+    * ``dL/dm_j = sum_{h,i} (e_ij / Z_i) (g_i . v_j - g_i . o_i)``
+    * ``dS = P * (G V^T - rowsum(G * O))``, ``dq = dS K scale``, ``dk = dS^T Q scale``,
+      ``dv = P^T G``, ``d attn_bias = dS`` summed over its broadcast dimensions
+      (``P = A diag(m)`` with ``A_ij = e_ij / Z_i``, which is never formed: ``dv`` is
+      ``m * (A^T G)`` and ``dS = m * dL/dm``'s summand).
+
+    A query row that keeps no key at all outputs 0 (as SDPA does); its ``Z`` is taken as 1
+    (the former formula divided by ``tiny`` there and could give inf/NaN gradients).
+
+    Nothing of size Nq x Nk is kept between forward and backward: the backward recomputes the
+    scores (one matmul) and shares them between the mask gradient and the q/k/v gradients.
+    Replaces a hand-written softmax whose forward had to run on the slow path with every
+    intermediate saved for autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, m: Tensor, attn_bias: Tensor | None,  # type: ignore[override]
+                scale: float) -> Tensor:
+        keep = (m > 0)[:, None, None, :]
+        mask = keep if attn_bias is None else attn_bias.masked_fill(~keep, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        ctx.scale = scale
+        ctx.bias_shape = None if attn_bias is None else attn_bias.shape
+        ctx.save_for_backward(q, k, v, m, attn_bias, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        q, k, v, m, attn_bias, out = ctx.saved_tensors
+        need_q, need_k, need_v, need_m, need_bias = ctx.needs_input_grad[:5]
+        scale = ctx.scale
+        # Half-precision inputs get a float32 backward (the softmax and its sums).
+        ct = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            # q, k and g are each read by two batched matmuls, which would copy a strided view
+            # (heads split out of a fused projection) each time: make them contiguous once.
+            qc, kc, gc = (t.to(ct).contiguous() for t in (q, k, g))
+            vc, oc = v.to(ct), out.to(ct)
+            mc = m.to(ct)[:, None, None, :]  # (B, 1, 1, Nk)
+            keep = (m > 0)[:, None, None, :]
+            s = torch.matmul(qc, kc.transpose(-2, -1)).mul_(scale)
+            if attn_bias is not None:
+                s = s.add_(attn_bias.to(ct))
+            # shift_i: max score over kept keys (0 for a row with none), as in the forward formula.
+            # (The masked copy of s goes to a buffer reused below for G V^T: one allocation less.)
+            t = torch.add(s, torch.zeros_like(mc).masked_fill_(~keep, float("-inf")), out=torch.empty_like(s))
+            shift = t.amax(-1, keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            a = s.sub_(shift).clamp_(max=20.0).exp_()  # e_ij, reusing s
+            z = torch.matmul(a, mc.transpose(-2, -1))  # Z_i = sum_k m_k e_ik, >= 1 when a key is kept
+            # A row that keeps no key (output 0) takes Z = 1: finite gradients, none to q/k.
+            z = z.masked_fill_(z <= 0, 1.0)
+            a = a.div_(z)  # e_ij / Z_i; the attention weights are p_ij = m_j a_ij
+            dv = torch.matmul(a.transpose(-2, -1), gc).mul_(mc.transpose(-2, -1)).to(v.dtype) if need_v else None
+            t = torch.matmul(gc, vc.transpose(-2, -1), out=t)  # g_i . v_j
+            t = t.sub_((gc * oc).sum(-1, keepdim=True))  # - g_i . o_i
+            u = a.mul_(t)  # (e_ij / Z_i)(g_i . v_j - g_i . o_i), reusing a
+            dm = u.sum((1, 2)).to(m.dtype) if need_m else None
+            ds = u.mul_(mc)  # gradient w.r.t. the scores: p_ij (g_i . v_j - g_i . o_i)
+            dq = torch.matmul(ds, kc).mul_(scale).to(q.dtype) if need_q else None
+            dk = torch.matmul(ds.transpose(-2, -1), qc).mul_(scale).to(k.dtype) if need_k else None
+            dbias = _sum_to(ds, ctx.bias_shape).to(attn_bias.dtype) if need_bias else None
+        return dq, dk, dv, dm, dbias, None
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the dimensions a tensor of ``shape`` was broadcast along."""
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
 
 
 def _rows(spans: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, list[tuple[int, int]]]:
