@@ -78,6 +78,7 @@ def test_vqa_json_has_every_field(vqa_single, data):
     out_dir = vqa_single.parent
     assert result["format"] == "trim-eval/1" and result["task"] == "vqa" and result["split"] == "val"
     assert result["samples"] == result["manifest_samples"] == N_VAL and result["complete"]
+    assert result["vqa_metric"] == result["metrics"]["metric"] == "lavis"  # the default, recorded
     assert result["processes"] == 1 and result["duplicates_dropped"] == 0
     m = result["metrics"]
     assert {"overall", "perAnswerType", "perQuestionType", "n"} <= set(m) and m["n"] == N_VAL
@@ -169,6 +170,11 @@ def test_report(vqa_single, tmp_path, capsys):
     original = json.loads(vqa_single.read_text())["accuracy"]
     assert points["faster"]["pareto"] and points["vqa_tiny"]["pareto"] == (original > 1.0)
     assert "| faster |" in capsys.readouterr().out
+    # accuracies scored by different VQA tools are flagged
+    result["vqa_metric"] = "vqa-tools"
+    second.write_text(json.dumps(result))
+    assert eval_main(["report", str(vqa_single), str(second), "--out", str(tmp_path / "report2")]) == 0
+    assert "different official tools (lavis, vqa-tools" in (tmp_path / "report2" / "report.md").read_text()
 
 
 def test_seg_fails_clearly(vqa_ckpt, data, capsys):
@@ -278,3 +284,157 @@ def test_latest_naming_a_missing_step_names_the_file(vqa_ckpt, data, tmp_path, c
     (run / "latest").write_text("step_9\n")
     err = _fails_with_one_line(_eval_args(run, data, tmp_path), capsys)
     assert "CheckpointError" in err and str(run / "latest") in err and "'step_9'" in err and "does not exist" in err
+
+
+def test_vqa_metric_flag_is_recorded(vqa_single, vqa_ckpt, data, tmp_path, capsys):
+    assert eval_main([str(vqa_ckpt), "--task", "vqa", "--data", str(data), "--batch-size", "8", "--out",
+                      str(tmp_path), "--figures", "0", "--quiet", "--no-speed", "--vqa-metric", "vqa-tools"]) == 0
+    assert "metric vqa-tools" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval" / "vqa.json").read_text())
+    assert result["vqa_metric"] == result["metrics"]["metric"] == "vqa-tools"
+    # The synthetic answers are already normalised and agree with the vocabulary, so here the
+    # two tools give the same numbers; the hand-made cases where they differ are in
+    # test_metrics_vqa.py and below.
+    assert result["metrics"]["overall"] == json.loads(vqa_single.read_text())["metrics"]["overall"]
+
+
+# ----------------------------------------------------------------------------- trim eval score
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+VQA_FILES = ["--results", str(FIXTURES / "vqa2" / "v2_OpenEnded_mscoco_val2014_fake_results.json"),
+             "--questions", str(FIXTURES / "vqa2" / "v2_OpenEnded_mscoco_val2014_questions.json"),
+             "--annotations", str(FIXTURES / "vqa2" / "v2_mscoco_val2014_annotations.json")]
+NLVR2_FILES = ["--predictions", str(FIXTURES / "nlvr2" / "train_mini_predictions.csv"),
+               "--labels", str(FIXTURES / "nlvr2" / "train_mini.json")]
+DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlvr2" / "dev.json"
+
+
+def _score(argv: list[str]) -> subprocess.CompletedProcess:
+    """`trim eval score` as a user runs it: the `trim` entry point of this checkout, in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "trim.cli", "eval", "score", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_score_vqa_both_variants_on_the_official_fixtures():
+    # Expected numbers: worked out per question in test_metrics_vqa.py (FIXTURE_EXPECTED).
+    lavis = _score(["--task", "vqa", *VQA_FILES])
+    assert lavis.returncode == 0, lavis.stderr
+    lines = lavis.stdout.splitlines()
+    assert lines[0] == "VQA accuracy (lavis): 75.00 over 12 questions"
+    assert "  yes/no   75.56" in lines and "  other    60.00" in lines and "  number  100.00" in lines
+    assert "  is the              86.67" in lines and "  is this a          100.00" in lines
+    tools = _score(["--task", "vqa", *VQA_FILES, "--vqa-metric", "vqa-tools"])
+    assert tools.returncode == 0, tools.stderr
+    lines = tools.stdout.splitlines()
+    assert lines[0] == "VQA accuracy (vqa-tools): 59.17 over 12 questions"
+    assert "  yes/no   53.33" in lines and "  other    65.00" in lines
+    assert "  is the              53.33" in lines and "  is this a           50.00" in lines
+
+
+def test_score_json_output(capsys):
+    assert eval_main(["score", "--task", "vqa", *VQA_FILES, "--vqa-metric", "vqa-tools", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["overall"] == 59.17 and result["metric"] == "vqa-tools" and result["n"] == 12
+    assert result["per_question"]["42000"] == 0.0 and result["per_question"]["42002"] == 100.0
+
+
+def test_score_nlvr2_on_the_official_fixture():
+    # accuracy 4/6 and consistency 1/3, worked out in test_metrics_nlvr2.py::test_official_fixture
+    proc = _score(["--task", "nlvr2", *NLVR2_FILES])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("NLVR2: 6 examples, 3 sentences")
+    assert lines[1] == "accuracy    0.6667  (4 of 6 correct)"
+    assert lines[2] == "consistency 0.3333  (1 of 3 sentences all correct)"
+
+
+@pytest.mark.skipif(not DEV.is_file(), reason=f"the real NLVR2 dev labels are not at {DEV}")
+def test_score_nlvr2_on_the_real_dev_labels(tmp_path, capsys):
+    import json as _json
+
+    labels = [_json.loads(line) for line in DEV.read_text().splitlines() if line.strip()]
+    # Predict the label except for every example of image pair 0, which is flipped; written in
+    # the official CSV format with mixed case. Wrong = the pair-0 examples; a sentence is
+    # consistent iff it has no pair-0 example.
+    rows, wrong, sentences, touched = [], 0, set(), set()
+    for ex in labels:
+        ident, label = ex["identifier"], ex["label"] == "True"
+        split, set_id, pair, sentence = ident.split("-")
+        flip = pair == "0"
+        wrong += flip
+        sentences.add((split, set_id, sentence))
+        if flip:
+            touched.add((split, set_id, sentence))
+        rows.append(f"{ident},{'TRUE' if label != flip else 'false'}\n")
+    csv_path = tmp_path / "dev_predictions.csv"
+    csv_path.write_text("".join(rows))
+    assert eval_main(["score", "--task", "nlvr2", "--predictions", str(csv_path), "--labels", str(DEV),
+                      "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == len(labels) and result["n_groups"] == len(sentences)
+    assert result["accuracy"] == (len(labels) - wrong) / len(labels)
+    assert result["consistency"] == (len(sentences) - len(touched)) / len(sentences)
+    # the same file through the printed summary
+    assert eval_main(["score", "--task", "nlvr2", "--predictions", str(csv_path), "--labels", str(DEV)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(labels) - wrong} of {len(labels)} correct" in out
+
+
+def _score_fails(argv: list[str], capsys) -> str:
+    assert eval_main(["score", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("trim eval score: FileFormatError: ")
+    return err
+
+
+def test_score_ids_must_match(tmp_path, capsys):
+    results = json.loads(Path(VQA_FILES[1]).read_text())
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps(results[1:]))
+    err = _score_fails(["--task", "vqa", *VQA_FILES[:0], "--results", str(missing), *VQA_FILES[2:]], capsys)
+    assert "1 question ids of --annotations" in err and f"missing from --results {missing}" in err
+    assert "[42000]" in err
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(results + [{"question_id": 7, "answer": "yes"}]))
+    err = _score_fails(["--task", "vqa", "--results", str(extra), *VQA_FILES[2:]], capsys)
+    assert f"1 question ids in --results {extra} that --annotations" in err and "[7]" in err
+    # questions of another split
+    test_questions = FIXTURES / "vqa2" / "v2_OpenEnded_mscoco_test2015_questions.json"
+    err = _score_fails(["--task", "vqa", *VQA_FILES[:2], "--questions", str(test_questions), *VQA_FILES[4:]], capsys)
+    assert "the questions and annotation files do not belong together" in err
+    # NLVR2: a missing and an extra identifier
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("train-10-0-0,True\ntrain-10-1-0,False\ntrain-10-0-1,True\ntrain-11-0-0,True\n"
+                        "train-11-1-0,False\ntrain-99-0-0,True\n")
+    err = _score_fails(["--task", "nlvr2", "--predictions", str(csv_path), *NLVR2_FILES[2:]], capsys)
+    assert "1 identifiers of --labels" in err and "['train-11-2-0']" in err
+    assert f"1 identifiers in --predictions {csv_path}" in err and "['train-99-0-0']" in err
+
+
+def test_score_wrong_files_fail_clearly(tmp_path, capsys):
+    # swapped --results and --annotations
+    err = _score_fails(["--task", "vqa", "--results", VQA_FILES[5], "--questions", VQA_FILES[3],
+                        "--annotations", VQA_FILES[1]], capsys)
+    assert f"--results {VQA_FILES[5]}" in err and "an annotation file? Pass it as --annotations" in err
+    # a non-string answer names the entry
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question_id": 42000, "answer": "yes"}, {"question_id": 42001, "answer": 2}]))
+    err = _score_fails(["--task", "vqa", "--results", str(bad), *VQA_FILES[2:]], capsys)
+    assert "entry [1] (question_id 42001): answer 2 (int) must be a string" in err
+    # the VQA annotation file given as NLVR2 labels
+    err = _score_fails(["--task", "nlvr2", NLVR2_FILES[0], NLVR2_FILES[1], "--labels", VQA_FILES[5]], capsys)
+    assert f"--labels {VQA_FILES[5]}: line 1" in err
+    # a missing file
+    err = _score_fails(["--task", "nlvr2", "--predictions", str(tmp_path / "nope.csv"), *NLVR2_FILES[2:]], capsys)
+    assert "nope.csv: no such file" in err
+
+
+def test_score_flags_belong_to_their_task(capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_main(["score", "--task", "nlvr2", *NLVR2_FILES, "--vqa-metric", "lavis"])
+    assert exc.value.code == 2 and "--vqa-metric belong(s) to the other task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["score", "--task", "vqa", *VQA_FILES[:2]])
+    assert "missing --questions, --annotations" in capsys.readouterr().err

@@ -1,9 +1,16 @@
-"""NLVR2 official accuracy and consistency on a small hand-made set."""
+"""NLVR2 official accuracy and consistency on a small hand-made set, and the readers of the
+official files (predictions CSV, JSON-lines labels)."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from trim.eval.errors import FileFormatError
 from trim.eval.metrics.nlvr2 import export_csv, group_key, nlvr2_metrics
+from trim.eval.metrics.official_io import read_nlvr2_labels, read_nlvr2_predictions
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data" / "nlvr2"
 
 LABELS = {
     # sentence 0 of set 1, four image pairs -> group "dev-1--0"
@@ -44,3 +51,60 @@ def test_missing_and_invalid_predictions_are_errors():
 def test_export_csv_official_format(tmp_path):
     path = export_csv({"dev-2-0-0": 0, "dev-1-0-0": "true"}, tmp_path / "nlvr2_predictions.csv")
     assert path.read_text() == "dev-1-0-0,True\ndev-2-0-0,False\n"
+
+
+def test_official_fixture():
+    # train_mini.json: groups train-10--0 {10-0-0 True, 10-1-0 False}, train-10--1 {10-0-1 False},
+    # train-11--0 {11-0-0 True, 11-1-0 True, 11-2-0 False}. The predictions CSV gets 10-0-1 and
+    # 11-1-0 wrong: accuracy 4/6; only train-10--0 is all right: consistency 1/3.
+    predictions = read_nlvr2_predictions(FIXTURES / "train_mini_predictions.csv")
+    labels = read_nlvr2_labels(FIXTURES / "train_mini.json")
+    assert predictions["train-10-1-0"] is False and predictions["train-11-0-0"] is True  # "false", "TRUE"
+    res = nlvr2_metrics(predictions, labels)
+    assert res["accuracy"] == 4 / 6 and res["consistency"] == 1 / 3
+    assert res["n"] == 6 and res["n_groups"] == 3
+
+
+def test_export_csv_reads_back(tmp_path):
+    path = export_csv({"dev-2-0-0": 0, "dev-1-0-0": "true"}, tmp_path / "p.csv")
+    assert read_nlvr2_predictions(path) == {"dev-1-0-0": True, "dev-2-0-0": False}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("identifier,prediction\ndev-1-0-0,True\n", "line 1 .* If it is a header, remove it"),
+        ("dev-1-0-0,True\ndev-1-1-0\n", "line 2 \\('dev-1-1-0'\\) is not 'identifier,True\\|False'"),
+        ("dev-1-0-0,True,0.93\n", "line 1 .*no other column"),
+        ("dev-1-0-0, True\n", "line 1 .*no spaces"),
+        ("dev-1-0-0,1\n", "line 1 .*True/False"),
+        ("dev-1-0-0,True\ndev-1-0-0,False\n", "line 2 .*: identifier 'dev-1-0-0' again \\(first on line 1\\)"),
+        ("\n\n", "has no 'identifier,True\\|False' line"),
+    ],
+)
+def test_predictions_reader_names_file_and_line(tmp_path, text, message):
+    path = tmp_path / "pred.csv"
+    path.write_text(text)
+    with pytest.raises(FileFormatError, match=message) as err:
+        read_nlvr2_predictions(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[{"identifier": "dev-1-0-0", "label": "True"}]', "line 1 is a JSON list; NLVR2 splits are JSON lines"),
+        ('{"identifier": "dev-1-0-0", "label": "True"}\n{"label": "False"}\n', "line 2 has no string 'identifier'"),
+        ('{"identifier": "dev-1-0-0", "label": "True"}\n{"identifier": "dev-1-1-0",\n', "line 2 is not a JSON object"),
+        ('{"identifier": "dev-1-0-0", "label": true}\n', "line 1 \\(dev-1-0-0\\): label True \\(bool\\) is not"),
+        ('{"identifier": "test2-1-0-0"}\n', "label None .*unlabelled split"),
+        ('{"identifier": "dev-1-0-0", "label": "True"}\n{"identifier": "dev-1-0-0", "label": "True"}\n',
+         "line 2: identifier 'dev-1-0-0' again"),
+    ],
+)
+def test_labels_reader_names_file_and_line(tmp_path, text, message):
+    path = tmp_path / "dev.json"
+    path.write_text(text)
+    with pytest.raises(FileFormatError, match=message) as err:
+        read_nlvr2_labels(path)
+    assert str(path) in str(err.value)

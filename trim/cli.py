@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("trim.eval.bench:main", "wall-clock full vs trimmed (`trim bench core`, `trim bench CKPT`)"),
     "data": ("trim.data.cli:main", "make or inspect data (`trim data synth ...`)"),
     "train": ("trim.train.cli:main", "train from a recipe: trim train RECIPE.yaml [key=value ...]"),
-    "eval": ("trim.eval.cli:main", "evaluate a checkpoint: trim eval CKPT --task vqa|nlvr2|seg --data SHARDS"),
+    "eval": ("trim.eval.cli:main", "evaluate a checkpoint: trim eval CKPT --task vqa|nlvr2|seg --data SHARDS "
+                                      "(`trim eval report`, `trim eval score`)"),
     "calibrate": ("trim.eval.calibrate:main", "fit the budget a checkpoint keeps: trim calibrate CKPT --data SHARDS"),
 }
 

@@ -3,8 +3,11 @@
     trim eval CHECKPOINT --task vqa|nlvr2 --data SHARDS [--split val] [--batch-size 32] [--workers 0]
               [--out DIR] [--max-samples N] [--device cpu|cuda] [--warmup 2] [--repeats 5] [--figures 4]
               [--budget 0.6 0.5 0.4 0.33]   # a calibrated checkpoint, once per budget (trim calibrate)
+              [--vqa-metric lavis|vqa-tools]
     torchrun --nproc_per_node 8 -m trim.cli eval CHECKPOINT --task vqa --data SHARDS   # several processes
     trim eval report EVAL_JSON... --out DIR [--speed throughput|latency]
+    trim eval score --task vqa --results R.json --questions Q.json --annotations A.json [--vqa-metric ...]
+    trim eval score --task nlvr2 --predictions P.csv --labels dev.json
 
 See docs/evaluation.md.
 """
@@ -16,11 +19,14 @@ import sys
 from pathlib import Path
 
 from trim.errors import TrimError
+from trim.eval.metrics.vqa import DEFAULT_VQA_METRIC, VQA_METRICS
+from trim.eval.score_files import VQA_METRIC_HELP
 
 
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trim eval", description=__doc__.split("\n\n")[0],
-                                epilog="`trim eval report --help` compares several evaluations.")
+                                epilog="`trim eval report --help` compares several evaluations; `trim eval score "
+                                       "--help` scores a results file in the official format.")
     p.add_argument("checkpoint", help="model directory (config.json + model.safetensors), or a run folder "
                                       "whose 'latest' names one")
     p.add_argument("--task", required=True, choices=("vqa", "nlvr2", "seg"),
@@ -43,6 +49,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="evaluate once per budget (mean cost ratio), served by the checkpoint's calibration "
                         "(`trim calibrate`); each writes eval/<task>_budget<B>.json. Default: the calibrated "
                         "target, or the trained decisions of an uncalibrated model")
+    p.add_argument("--vqa-metric", choices=VQA_METRICS, default=DEFAULT_VQA_METRIC, help=VQA_METRIC_HELP)
     return p
 
 
@@ -57,14 +64,18 @@ def _report_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_report(argv: list[str]) -> bool:
-    # A checkpoint folder that happens to be called "report" still evaluates.
-    return bool(argv) and argv[0] == "report" and not (Path("report") / "config.json").is_file()
+def _is_subcommand(argv: list[str], name: str) -> bool:
+    # A checkpoint folder that happens to be called "report" / "score" still evaluates.
+    return bool(argv) and argv[0] == name and not (Path(name) / "config.json").is_file()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if _is_report(argv):
+    if _is_subcommand(argv, "score"):
+        from trim.eval.score_files import run_score
+
+        return run_score(argv[1:])
+    if _is_subcommand(argv, "report"):
         args = _report_parser().parse_args(argv[1:])
         from trim.eval.report import write_report
 
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, workers=args.workers, out=args.out,
                                    max_samples=args.max_samples, device=args.device, warmup=args.warmup,
                                    repeats=args.repeats, figures=args.figures, answers=args.answers,
-                                   speed=not args.no_speed, progress=not args.quiet)
+                                   speed=not args.no_speed, progress=not args.quiet, vqa_metric=args.vqa_metric)
     except TrimError as exn:
         print(f"trim eval: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1

@@ -11,3 +11,8 @@ class EvalError(TrimError):
 
 class OutputError(TrimError):
     """The results folder cannot be written (found before any work starts)."""
+
+
+class FileFormatError(TrimError, ValueError):
+    """A results / annotation / predictions / labels file is unreadable, in the wrong format, or
+    does not match the file it is scored against; the message names the file and the entry."""

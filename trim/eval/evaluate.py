@@ -47,6 +47,7 @@ from trim.eval.collect import Collector, merge, trimmed_layers
 from trim.models.base import MODEL_INPUTS
 from trim.eval.errors import EvalError
 from trim.eval.group import ProcessGroup, open_group
+from trim.eval.metrics.vqa import DEFAULT_VQA_METRIC, VQA_METRICS
 from trim.eval.output import check_writable, output_stem, write_json, write_predictions
 from trim.eval.plots import write_eval_figures
 from trim.eval.result import build_result, run_name, summary
@@ -82,6 +83,7 @@ class EvalOptions:
     speed: bool
     progress: bool
     budget: float | None = None  # served through the checkpoint's calibration (None: its default)
+    vqa_metric: str = DEFAULT_VQA_METRIC  # which official VQA tool the accuracy reproduces
 
     def check(self) -> None:
         if self.task == "seg":
@@ -93,6 +95,8 @@ class EvalOptions:
                               f"{self.max_samples}: batch size and max samples must be >= 1, workers >= 0")
         if self.warmup < 0 or self.repeats < 1:
             raise ConfigError(f"--warmup {self.warmup} must be >= 0 and --repeats {self.repeats} >= 1")
+        if self.vqa_metric not in VQA_METRICS:
+            raise ConfigError(f"--vqa-metric {self.vqa_metric!r}; choose one of {VQA_METRICS} (docs/metrics.md)")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ConfigError(f"--budget {self.budget:g} is not a cost ratio; use values in (0, 1]")
 
@@ -132,6 +136,7 @@ def evaluate(
     answers: str | os.PathLike | None = None,
     speed: bool = True,
     progress: bool = True,
+    vqa_metric: str = DEFAULT_VQA_METRIC,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint on one split; returns the results dict on rank 0 (None elsewhere).
 
@@ -140,12 +145,14 @@ def evaluate(
     """
     results = evaluate_budgets(checkpoint, task, data, [None], split=split, batch_size=batch_size, workers=workers,
                                out=out, max_samples=max_samples, device=device, warmup=warmup, repeats=repeats,
-                               figures=figures, answers=answers, speed=speed, progress=progress)
+                               figures=figures, answers=answers, speed=speed, progress=progress,
+                               vqa_metric=vqa_metric)
     return None if results is None else results[0]
 
 
 _DEFAULTS: dict[str, Any] = {"split": "val", "batch_size": 32, "workers": 0, "max_samples": None, "warmup": 2,
-                             "repeats": 5, "figures": 4, "answers": None, "speed": True, "progress": True}
+                             "repeats": 5, "figures": 4, "answers": None, "speed": True, "progress": True,
+                             "vqa_metric": DEFAULT_VQA_METRIC}
 
 
 def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.PathLike,
@@ -165,7 +172,8 @@ def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.Pa
         raise ConfigError("--budget needs at least one value")
     kw = {**_DEFAULTS, **options}
     base = EvalOptions(task, kw["split"], kw["batch_size"], kw["workers"], kw["max_samples"], kw["warmup"],
-                       kw["repeats"], kw["figures"], kw["answers"], kw["speed"], kw["progress"])
+                       kw["repeats"], kw["figures"], kw["answers"], kw["speed"], kw["progress"],
+                       vqa_metric=kw["vqa_metric"])
     runs = [dataclasses.replace(base, budget=None if b is None else float(b)) for b in budgets]
     for opts in runs:
         opts.check()
@@ -222,7 +230,7 @@ def _evaluate(run: _Run, last: bool = True) -> dict[str, Any] | None:
         group.close()  # nothing collective from here on: the other ranks may leave
     merged = merge(parts, run.opts.task)
     complete = _check_complete(run, merged)
-    scores = score(run.opts.task, merged)
+    scores = score(run.opts.task, merged, vqa_metric=run.opts.vqa_metric)
     speed = None
     if run.opts.speed and collector.fixed_batch is not None:
         run.log(f"timing full vs trimmed ({run.opts.warmup} warm-up, {run.opts.repeats} repeats) ...")
@@ -291,6 +299,6 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
                           merged=merged, complete=complete, processes=run.group.world,
                           batch_size=run.opts.batch_size, scores=scores, speed=speed, predictions_file=export.name,
                           figures=figures, seconds=time.perf_counter() - run.started, budget=run.opts.budget,
-                          calibration=getattr(run.model, "calibration", None))
+                          calibration=getattr(run.model, "calibration", None), vqa_metric=run.opts.vqa_metric)
     result["path"] = str(write_json(result, run.out_dir / f"{stem}.json"))
     return result

@@ -92,6 +92,8 @@ def report_points(results: list[dict[str, Any]], speed: str = "throughput") -> l
             "full": measured.get("full_samples_per_s", measured.get("full_ms")),
             "batch_size": measured.get("batch_size"),
             "device": (result.get("speed") or {}).get("device"),
+            # eval JSONs from before --vqa-metric existed were scored the LAVIS way
+            "vqa_metric": result.get("vqa_metric", "lavis") if result["task"] == "vqa" else None,
             "source": result["_path"],
         })
     return rows
@@ -146,6 +148,10 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         if len(devices) > 1:
             notes.append(f"speedups were measured on different devices ({', '.join(sorted(map(str, devices)))}); "
                          "each is a within-run ratio, but they are not directly comparable.")
+        metrics = {r["vqa_metric"] for r in plotted if r.get("vqa_metric")}
+        if len(metrics) > 1:
+            notes.append(f"VQA accuracies were computed with different official tools ({', '.join(sorted(metrics))}; "
+                         "docs/metrics.md); re-score with one `--vqa-metric` before comparing them.")
         front_names: set[str] = set()
         if plotted:
             front = pareto_front([{"name": r["name"], "speedup": r["speedup"], "accuracy": r["accuracy"]}

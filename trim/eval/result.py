@@ -39,7 +39,7 @@ def _calibration(calibration: Any, budget: float | None) -> dict[str, Any] | Non
 def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
                  complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
                  predictions_file: str, figures: list[str], seconds: float, budget: float | None = None,
-                 calibration: Any = None) -> dict[str, Any]:
+                 calibration: Any = None, vqa_metric: str | None = None) -> dict[str, Any]:
     cfg, n = model_config, len(merged["ids"])
     return {
         "format": EVAL_FORMAT,
@@ -64,6 +64,8 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "trim": "eval",
         "accuracy": None if scores.accuracy is None else round(float(scores.accuracy), 4),
         "accuracy_name": "VQA accuracy (%)" if split.task == "vqa" else "NLVR2 accuracy (%)",
+        # Which official VQA tool the numbers reproduce (docs/metrics.md); also in metrics.metric.
+        "vqa_metric": vqa_metric if split.task == "vqa" else None,
         "metrics": scores.metrics,
         "cost_ratio": cost_summary(merged["cost"]),
         "kept": kept_summary(cfg.trim, merged),
@@ -86,7 +88,7 @@ def summary(result: dict[str, Any]) -> str:
         lines.append("metrics: none (the split has no answers/labels); submit the predictions file")
     elif result["task"] == "vqa":
         per_type = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m["perAnswerType"].items()))
-        lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type})")
+        lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type}; metric {m.get('metric', 'lavis')})")
     else:
         lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
     c = result["cost_ratio"]

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from trim.eval.metrics.vqa import DEFAULT_VQA_METRIC
+
 
 @dataclass
 class Scores:
@@ -21,11 +23,12 @@ class Scores:
     difficulty_label: str = ""
 
 
-def score(task: str, merged: dict[str, Any]) -> Scores:
-    return _vqa(merged) if task == "vqa" else _nlvr2(merged)
+def score(task: str, merged: dict[str, Any], vqa_metric: str = DEFAULT_VQA_METRIC) -> Scores:
+    """``vqa_metric``: which official VQA tool to reproduce (trim.eval.metrics.vqa.VQA_METRICS)."""
+    return _vqa(merged, vqa_metric) if task == "vqa" else _nlvr2(merged)
 
 
-def _vqa(merged: dict[str, Any]) -> Scores:
+def _vqa(merged: dict[str, Any], metric: str) -> Scores:
     from trim.eval.metrics import vqa_accuracy
 
     ids, predictions = merged["ids"], merged["predictions"]
@@ -34,7 +37,7 @@ def _vqa(merged: dict[str, Any]) -> Scores:
     if not questions:
         return Scores()
     answered = {q["question_id"] for q in questions}
-    result = vqa_accuracy({q: p for q, p in zip(ids, predictions) if q in answered}, questions)
+    result = vqa_accuracy({q: p for q, p in zip(ids, predictions) if q in answered}, questions, metric=metric)
     per_question = result.pop("per_question")
     difficulty = None
     if len(questions) == len(ids):

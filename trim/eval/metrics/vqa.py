@@ -1,26 +1,39 @@
-"""VQA v2 accuracy exactly as the official evaluation tool computes it.
+"""VQA v2 accuracy exactly as the official evaluation tools compute it, in both variants.
 
-Reference: ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` in GT-Vision-Lab/VQA
-(master; the same code LAVIS and the Cloud-CV evaluation repo ship). Per question:
+Two copies of ``vqaEval.py`` are in use and they disagree on how answers are prepared;
+``metric=`` picks one, named after the code it reproduces (docs/metrics.md):
 
-    pred  = process_digit_article(process_punctuation(strip(pred)))
+``"lavis"`` -- ``lavis/common/vqa_tools/vqa_eval.py`` in salesforce/LAVIS, i.e.
+GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` as it was before
+March 2021, ported to Python 3. Per question:
+
+    pred  = process_digit_article(process_punctuation(strip(pred)))      always
     gts   = [process_punctuation(a) for a in answers]  if len(set(answers)) > 1
-            else answers                                 (untouched when all agree)
-    acc_q = 1/10 * sum_i min(1, #{j != i : gts[j] == pred} / 3)
+            else answers                                  (untouched when all agree)
 
-i.e. the mean over the 10 leave-one-annotator-out subsets of min(1, matches / 3). For
-10 answers of which k equal the prediction this is 0, .3, .6, .9, 1 for k = 0..4+.
-Reported numbers are ``round(100 * sum(acc) / n, 2)`` overall, per answer type and
-per question type, and ``round(100 * acc_q, 2)`` per question.
+``"vqa-tools"`` -- GT-Vision-Lab/VQA master (commit a013f00, "Fixed processing answers
+bug", 2021). Per question:
 
-Two quirks are kept on purpose because the official numbers depend on them:
+    gts, pred = [strip(a) for a in answers], strip(pred)                  always
+    if len(set(gts)) > 1:                                                 (after the strip)
+        gts  = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    (when all agree neither side is normalised: "two" vs ten "2" scores 0)
 
-* the ground-truth answers only get the punctuation pass (no lower-casing, number
-  words, articles or contractions), and none at all when the 10 answers agree;
-  official annotations are already normalised, so this only bites on hand-made data;
+Both then score ``acc_q = 1/10 * sum_i min(1, #{j != i : gts[j] == pred} / 3)``, the mean
+over the leave-one-annotator-out subsets (k matching answers of 10: 0, .3, .6, .9, 1 for
+k = 0..4+), and report ``round(100 * sum(acc) / n, 2)`` overall, per answer type and per
+question type, and ``round(100 * acc_q, 2)`` per question. ``strip`` is: newlines and tabs
+to spaces, then strip the ends.
+
+Quirks kept on purpose because the official numbers depend on them:
+
 * the period regex ``(?!<=\\d)(\\.)(?!\\d)`` is a negative *look-ahead* for "<=digit"
   (a typo for a look-behind), so it strips every period not followed by a digit, and
-  ``re.UNICODE`` is passed as the ``count`` argument, so at most 32 are stripped.
+  ``re.UNICODE`` is passed as the ``count`` argument, so at most 32 are stripped;
+* annotator i's subset drops every answer *entry equal to* entry i (the tools compare the
+  answer dicts); with the annotation files' distinct ``answer_id`` this is "drop annotator
+  i", but two identical dicts leave together.
 """
 
 from __future__ import annotations
@@ -41,7 +54,16 @@ __all__ = [
     "question_accuracy",
     "vqa_accuracy",
     "export_evalai",
+    "VQA_METRICS",
+    "DEFAULT_VQA_METRIC",
 ]
+
+# The variants, each named after the evaluation code it reproduces (module docstring).
+VQA_METRICS = ("lavis", "vqa-tools")
+# LAVIS's copy: what trim computed before the choice existed (so earlier eval JSONs stay
+# comparable), and what the vision-language papers that evaluate with LAVIS or a vendored
+# pre-2021 vqaEval.py report as val accuracy. docs/metrics.md has the full argument.
+DEFAULT_VQA_METRIC = "lavis"
 
 # The official contractions table (apostrophe-less spelling -> spelling with apostrophes).
 # Keys with capitals ("Im", "Ive", "Id've") can never match: words are lower-cased first.
@@ -138,30 +160,65 @@ def normalize_answer(answer: str) -> str:
     return process_digit_article(process_punctuation(_strip_whitespace(answer)))
 
 
-def _gt_answers(question: Mapping[str, Any]) -> list[str]:
-    """Ground-truth answers of one question, as the official tool prepares them."""
+def check_vqa_metric(metric: str) -> str:
+    if metric not in VQA_METRICS:
+        raise ValueError(f"VQA metric {metric!r} is not one of {VQA_METRICS}: 'lavis' reproduces LAVIS's "
+                         "vqa_eval.py, 'vqa-tools' GT-Vision-Lab/VQA's vqaEval.py (docs/metrics.md)")
+    return metric
+
+
+def _answer_entries(question: Mapping[str, Any]) -> list[Any]:
+    """The question's answers as given: strings, or the annotation file's answer dicts."""
     raw = question["answers"]
-    # Accept both the contract's list of strings and the raw annotation's list of dicts.
-    answers = [a["answer"] if isinstance(a, Mapping) else a for a in raw]
-    if not answers or not all(isinstance(a, str) for a in answers):
+    ok = isinstance(raw, list) and raw and all(
+        isinstance(a, str) or (isinstance(a, Mapping) and isinstance(a.get("answer"), str)) for a in raw)
+    if not ok:
         raise ValueError(
             f"question {question.get('question_id')!r}: 'answers' must be a non-empty list "
             f"of strings (or of {{'answer': str}} dicts), got {raw!r}"
         )
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
-    return answers
+    return list(raw)
 
 
-def question_accuracy(prediction: str, answers: list[str]) -> float:
-    """Leave-one-out accuracy of one *normalised* prediction against prepared answers:
-    mean over i of min(1, #{j != i : answers[j] == prediction} / 3)."""
-    # Dropping annotator i removes one match exactly when answer i itself matched.
-    # (The official code drops by dict inequality, which is "by index" since every
-    # answer dict carries its own answer_id.)
-    matches = sum(a == prediction for a in answers)
-    per_subset = [min(1.0, float(matches - (a == prediction)) / 3) for a in answers]
+def prepare(prediction: str, answers: list[str], metric: str = DEFAULT_VQA_METRIC) -> tuple[str, list[str]]:
+    """The prediction and ground-truth answers of one question as ``metric``'s tool
+    prepares them before comparing strings (module docstring)."""
+    if metric == "lavis":
+        gts = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+        return normalize_answer(prediction), gts
+    check_vqa_metric(metric)
+    gts, pred = [_strip_whitespace(a) for a in answers], _strip_whitespace(prediction)
+    if len(set(gts)) > 1:  # decided after the strip: "yes" and "yes " agree
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    return pred, gts
+
+
+def question_accuracy(prediction: str, answers: list[str], entries: list[Any] | None = None) -> float:
+    """Leave-one-out accuracy of a *prepared* prediction against prepared answers:
+    mean over i of min(1, #{j : entries[j] != entries[i], answers[j] == prediction} / 3).
+
+    ``entries`` are what the tools compare to leave annotator i out: the answer dicts (with
+    the prepared answer). Without them annotator i alone leaves, which is what distinct
+    ``answer_id``s give.
+    """
+    if entries is None:
+        entries = list(range(len(answers)))
+    per_subset = [
+        min(1.0, float(sum(a == prediction and e != entry for a, e in zip(answers, entries))) / 3)
+        for entry in entries
+    ]
     return float(sum(per_subset)) / len(per_subset)
+
+
+def _question_accuracy(prediction: str, question: Mapping[str, Any], metric: str) -> float:
+    raw = _answer_entries(question)
+    answers = [a["answer"] if isinstance(a, Mapping) else a for a in raw]
+    pred, gts = prepare(prediction, answers, metric)
+    entries = None
+    if all(isinstance(a, Mapping) for a in raw):
+        entries = [{**a, "answer": g} for a, g in zip(raw, gts)]
+    return question_accuracy(pred, gts, entries)
 
 
 def _qid(key: Any) -> Any:
@@ -178,20 +235,24 @@ def vqa_accuracy(
     predictions: Mapping[Any, str],
     questions: Iterable[Mapping[str, Any]],
     digits: int = 2,
+    metric: str = DEFAULT_VQA_METRIC,
 ) -> dict[str, Any]:
-    """Official VQA v2 accuracy.
+    """Official VQA v2 accuracy, as ``metric``'s tool computes it.
 
     Args:
         predictions: question_id -> predicted answer string (raw; it is normalised here).
         questions: dicts with ``question_id``, ``answers`` (10 strings, or the raw
             annotation's ``{'answer': ...}`` dicts), ``answer_type``, ``question_type``.
-        digits: rounding, 2 as the official tool.
+        digits: rounding, 2 as the official tools.
+        metric: ``"lavis"`` or ``"vqa-tools"``, the tool to reproduce (module docstring).
 
     Returns:
         ``{'overall': float, 'perAnswerType': {type: float}, 'perQuestionType':
-        {type: float}, 'per_question': {question_id: float}, 'n': int}``, all in
-        percent. Like the official tool, every question needs exactly one prediction.
+        {type: float}, 'per_question': {question_id: float}, 'n': int, 'metric': str}``,
+        accuracies in percent. Like the official tools, every question needs exactly one
+        prediction.
     """
+    check_vqa_metric(metric)
     questions = list(questions)
     preds = {_qid(k): v for k, v in predictions.items()}
     qids = [_qid(q["question_id"]) for q in questions]
@@ -219,7 +280,7 @@ def vqa_accuracy(
             answer_type, question_type = question["answer_type"], question["question_type"]
         except KeyError as err:
             raise ValueError(f"question {qid!r} has no {err.args[0]!r}; take it from the VQA annotation file") from None
-        acc = question_accuracy(normalize_answer(prediction), _gt_answers(question))
+        acc = _question_accuracy(prediction, question, metric)
         all_acc.append(acc)
         by_answer_type.setdefault(answer_type, []).append(acc)
         by_question_type.setdefault(question_type, []).append(acc)
@@ -231,6 +292,7 @@ def vqa_accuracy(
         "perQuestionType": {k: _rounded_mean(v, digits) for k, v in by_question_type.items()},
         "per_question": per_question,
         "n": len(all_acc),
+        "metric": metric,
     }
 
 
