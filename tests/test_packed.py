@@ -19,6 +19,16 @@ from trim.prune import HeadTrimmer, TokenTrimmer
 D, H = 32, 4
 
 
+@pytest.fixture(params=["per-sample", "padded-core"])
+def core(request, monkeypatch):
+    """Both ways packed attention runs its core: one call per sample, or one padded call
+    (chosen by `_CALL_FLOPS`, the per-call overhead; 0 always loops, a huge one always pads)."""
+    import trim.nn.attention as attention
+
+    monkeypatch.setattr(attention, "_CALL_FLOPS", 0.0 if request.param == "per-sample" else 1e15)
+    return request.param
+
+
 def per_sample_decisions(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(b, n, generator=g) < torch.linspace(0.3, 0.9, b)[:, None]  # each sample its own share
@@ -36,7 +46,7 @@ def head_sets(b: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block_cls", [PreNormBlock, PostNormBlock])
-def test_self_blocks_packed_equal_masked(block_cls):
+def test_self_blocks_packed_equal_masked(block_cls, core):
     torch.manual_seed(0)
     block = block_cls(D, H).eval()
     b, n = 5, 13
@@ -54,7 +64,7 @@ def test_self_blocks_packed_equal_masked(block_cls):
     torch.testing.assert_close(restored[~keep], x[~keep])  # pruned tokens pass through unchanged
 
 
-def test_cross_block_packs_both_streams():
+def test_cross_block_packs_both_streams(core):
     torch.manual_seed(0)
     block = CrossBlock(D, H, context_dim=D).eval()
     b = 4
@@ -132,7 +142,7 @@ CASES = [("dual", "vqa", False), ("dual", "nlvr2", False), ("dual", "vqa", True)
 
 
 @pytest.mark.parametrize("family,task,bridged", CASES)
-def test_packed_equals_masked_through_whole_models(family, task, bridged):
+def test_packed_equals_masked_through_whole_models(family, task, bridged, core):
     model, data = make(family, task, bridged=bridged), batch(task)
     with torch.no_grad():
         masked = model(data, trim="masked", track_alive=True)
@@ -156,7 +166,7 @@ def test_packed_equals_masked_through_whole_models(family, task, bridged):
 
 
 @pytest.mark.parametrize("family", ["dual", "vilt"])
-def test_packed_cost_matches_counted_flops_at_batch_above_one(family):
+def test_packed_cost_matches_counted_flops_at_batch_above_one(family, core):
     """Invariant 4 on the packed path: summed per-sample cost = FLOPs the batch really ran."""
     model, data = make(family, "vqa"), batch("vqa", b=5, text_padding=False)
     prunable = ("stack", "text_layers", "image_layers", "cross_trimmers")

@@ -198,8 +198,8 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, source: str,
 
 
 def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> TrimModel:
-    """Rebuild a model from a trim model directory, with no other input."""
-    directory = Path(directory)
+    """Rebuild a model from a trim model directory (or a run folder: its ``latest``), with no other input."""
+    directory = resolve_checkpoint(directory)
     model = create_model(read_model_config(directory))
     weights = directory / WEIGHTS_NAME
     load_weights(model, read_weights(weights, map_location), source=f"{weights} (built from {directory / CONFIG_NAME})")
