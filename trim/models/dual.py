@@ -23,6 +23,7 @@ from trim.models.heads import Pooler, make_head
 from trim.models.towers import TextTower, VisionTower, text_protect
 from trim.nn import CrossBlock, TokenSet
 from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer, block_flops, start_tokens
+from trim.prune.cost import core_pairs
 from trim.prune.stack import token_cost, trim_heads, trim_tokens
 
 CROSS_TRIMMERS = ("text_tokens", "image_tokens", "text_self_heads", "text_cross_heads", "image_self_heads",
@@ -131,10 +132,16 @@ class DualStreamModel(TrimModel):
             t_pool, v_pool = t.mean(), v.mean()
             h = cfg.cross_heads
             packed = t.packing is not None
-            th = trim_heads(self._trimmer("text_self_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed)
-            tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed)
-            ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed)
-            ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed)
+            slice_t = packed and text_layer.self_attn.slices_heads_per_sample(t.packing)
+            slice_v = packed and image_layer.self_attn.slices_heads_per_sample(v.packing)
+            th = trim_heads(self._trimmer("text_self_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed,
+                            per_sample=slice_t)
+            tc = trim_heads(self._trimmer("text_cross_heads", j), h, t_pool, mode, tau=tau, other=v_pool, packed=packed,
+                            per_sample=slice_t)
+            ih = trim_heads(self._trimmer("image_self_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed,
+                            per_sample=slice_v)
+            ic = trim_heads(self._trimmer("image_cross_heads", j), h, v_pool, mode, tau=tau, other=t_pool, packed=packed,
+                            per_sample=slice_v)
             new_t = text_layer(t.x, v.x, keep=t.block_keep, context_keep=v.block_keep, head_mask=th.mask, heads=th.heads,
                                cross_head_mask=tc.mask, cross_heads=tc.heads, packing=t.packing,
                                context_packing=v.packing, head_keep=th.keep, cross_head_keep=tc.keep)
@@ -142,11 +149,15 @@ class DualStreamModel(TrimModel):
                                 cross_head_mask=ic.mask, cross_heads=ic.heads, packing=v.packing,
                                 context_packing=t.packing, head_keep=ih.keep, cross_head_keep=ic.keep)
             n_t, n_v = token_cost(t, ts), token_cost(v, vs)
-            meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads)
-                      + ts.overhead + th.overhead + tc.overhead,
+            pairs_t = (core_pairs(text_layer.self_attn, t.packing, head_keep=th.keep),
+                       core_pairs(text_layer.cross_attn, t.packing, v.packing, tc.keep))
+            pairs_v = (core_pairs(image_layer.self_attn, v.packing, head_keep=ih.keep),
+                       core_pairs(image_layer.cross_attn, v.packing, t.packing, ic.keep))
+            meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads,
+                                  pairs=pairs_t[0], cross_pairs=pairs_t[1]) + ts.overhead + th.overhead + tc.overhead,
                       block_flops(text_layer, full_t, context_n=full_v), b, t.x.device)
-            meter.add(block_flops(image_layer, n_v, ih.cost_heads, context_n=n_t, cross_heads=ic.cost_heads)
-                      + vs.overhead + ih.overhead + ic.overhead,
+            meter.add(block_flops(image_layer, n_v, ih.cost_heads, context_n=n_t, cross_heads=ic.cost_heads,
+                                  pairs=pairs_v[0], cross_pairs=pairs_v[1]) + vs.overhead + ih.overhead + ic.overhead,
                       block_flops(image_layer, full_v, context_n=full_t), b, t.x.device)
             rec_t.append(LayerRecord(t.kept_counts().detach(), (th.kept + tc.kept).detach() / 2))
             rec_v.append(LayerRecord(v.kept_counts().detach(), (ih.kept + ic.kept).detach() / 2,

@@ -22,10 +22,13 @@ Everything a pruning method needs is an argument of `Attention.forward`:
   whose. Projections run once over the packed rows; attention runs per sample over its own
   keys (a varlen flash kernel on CUDA in half precision, else one SDPA call per sample:
   measured on CPU, batch 32, width 768, 80-300 tokens per sample, qkv + attention + output
-  took 111 ms packed this way vs 194 ms padded, and 120 ms bucketed by length). With
+  took 111 ms packed this way vs 194 ms padded, and 120 ms bucketed by length; when many
+  short samples make the per-call overhead dominate, the core runs as one padded call). With
   ``head_keep`` (B, H) bool, each sample computes only its own kept heads: samples that keep
   every head share one projection call; the others slice their heads' q/k/v rows and output
-  columns, so a batch pays for each sample's head count, not for the union.
+  columns, so a batch pays for each sample's head count, not for the union. Where those extra
+  calls would cost more than the heads they save (`Attention.slices_heads_per_sample`: small
+  layers), a packed ``head_mask`` computes every head in one call and zeroes the dropped ones.
 
 The projections are modules and attention calls them (``self.qkv(x)``, ``self.proj(out)``),
 so forward hooks fire, ZeRO-3 gathers each projection's parameters in that projection's own
@@ -155,12 +158,12 @@ class Attention(nn.Module):
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs `context` (the other stream's tokens)")
         if packing is not None:
-            if any(a is not None for a in (key_keep, head_mask, heads, attn_bias, query_index)):
-                raise ValueError("packed attention takes only packing, context_packing and head_keep: packed tokens "
-                                 "are all alive, and heads are chosen per sample by head_keep")
+            if any(a is not None for a in (key_keep, heads, attn_bias, query_index)):
+                raise ValueError("packed attention takes only packing, context_packing, head_keep and head_mask: "
+                                 "packed tokens are all alive, and heads are chosen per sample")
             if self.is_cross and context_packing is None:
                 raise ValueError("packed cross-attention needs context_packing (how the other stream is packed)")
-            return self._packed(x, context, packing, context_packing or packing, head_keep)
+            return self._packed(x, context, packing, context_packing or packing, head_keep, head_mask)
         context = x if context is None else context
         if query_index is not None:
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -195,17 +198,35 @@ class Attention(nn.Module):
         return self._linear("proj", out, cols=None if heads is None else head_rows(heads, self.head_dim))
 
     # -- packed layout -----------------------------------------------------------------------
+    def slices_heads_per_sample(self, packing: "Packing") -> bool:
+        """Whether packed samples should compute only their own heads (``head_keep``: projection calls
+        of their own) rather than every head in one call with dropped heads masked (``head_mask``).
+        Worth it once a sample's projections dwarf the overhead of the extra calls (METER-size
+        layers); not for a tiny model, whose per-sample calls would cost more than the heads saved."""
+        if len(packing.lengths) == 1:  # a lone sample's own heads are the whole call: nothing extra
+            return True
+        tokens = packing.total / len(packing.lengths)
+        return 8 * tokens * self.dim * self.inner_dim > _HEAD_SLICE_CALLS * _CALL_FLOPS
+
+    def pads_core(self, packing: "Packing", context_packing: "Packing") -> bool:
+        """Whether the attention core of these packed samples runs as one padded call (see
+        `_padded_core_is_cheaper`); only when no sample has its own head subset."""
+        return _padded_core_is_cheaper(packing.spans(), context_packing.spans(), self.inner_dim)
+
     def _packed(self, x: Tensor, context: Tensor | None, packing: "Packing", context_packing: "Packing",
-                head_keep: Tensor | None) -> Tensor:
+                head_keep: Tensor | None, head_mask: Tensor | None = None) -> Tensor:
         x, context = x[0], x[0] if context is None else context[0]
+        if head_keep is None:  # every head computed (dropped ones zeroed per token by a head mask)
+            out = x.new_empty(x.shape[0], self.dim)
+            scale = None if head_mask is None else head_mask[packing.sample]
+            self._packed_all_heads(x, context, packing.spans(), context_packing.spans(), out, whole=True,
+                                   head_scale=scale, padded=self.pads_core(packing, context_packing))
+            return out[None]
         q_spans, k_spans = packing.spans(), context_packing.spans()
         everyone = range(len(q_spans))
-        if head_keep is None:
-            full, partial = list(everyone), []
-        else:
-            counts = head_keep.sum(1).tolist()
-            full = [b for b in everyone if counts[b] == self.num_heads]
-            partial = [b for b in everyone if counts[b] < self.num_heads]
+        counts = head_keep.sum(1).tolist()
+        full = [b for b in everyone if counts[b] == self.num_heads]
+        partial = [b for b in everyone if counts[b] < self.num_heads]
         out = x.new_empty(x.shape[0], self.dim)
         if full:
             self._packed_all_heads(x, context, [q_spans[b] for b in full], [k_spans[b] for b in full], out,
@@ -219,8 +240,10 @@ class Attention(nn.Module):
         return out[None]
 
     def _packed_all_heads(self, x: Tensor, context: Tensor, q_spans: list[tuple[int, int]],
-                          k_spans: list[tuple[int, int]], out: Tensor, *, whole: bool) -> None:
-        """Samples that keep every head: one projection call over all their rows (``whole``: every sample)."""
+                          k_spans: list[tuple[int, int]], out: Tensor, *, whole: bool,
+                          head_scale: Tensor | None = None, padded: bool = False) -> None:
+        """Samples that keep every head: one projection call over all their rows (``whole``: every sample).
+        ``head_scale`` (rows, H) multiplies each head's output per row (a packed head mask)."""
         if whole:
             xq, xk, qs, ks = x, context, q_spans, k_spans
         else:
@@ -228,21 +251,25 @@ class Attention(nn.Module):
             rows_k, ks = _rows(k_spans, x.device)
             xq, xk = x[rows_q], context[rows_k]
         q, k, v = self._project(xq, xk, None)
-        o = self._linear("proj", self._attend_spans(q, k, v, qs, ks, self.num_heads))
+        o = self._attend_spans(q, k, v, qs, ks, self.num_heads, padded=padded)
+        if head_scale is not None:
+            o = (o.view(-1, self.num_heads, self.head_dim) * head_scale[..., None].to(o.dtype)).view_as(o)
+        o = self._linear("proj", o)
         if whole:
             out.copy_(o)
         else:
             out[rows_q] = o
 
     def _attend_spans(self, q: Tensor, k: Tensor, v: Tensor, q_spans: list[tuple[int, int]],
-                      k_spans: list[tuple[int, int]], heads: int) -> Tensor:
-        """Attention of each query span to its key span; (n, heads * head_dim) in, same out."""
+                      k_spans: list[tuple[int, int]], heads: int, *, padded: bool = False) -> Tensor:
+        """Attention of each query span to its key span; (n, heads * head_dim) in, same out.
+        ``padded``: one SDPA call over a padded view instead of one per span."""
         d = self.head_dim
+        if padded:
+            return self._attend_padded(q, k, v, q_spans, k_spans, heads)
         if _varlen_ok(q):
             return _varlen(q.view(-1, heads, d), k.view(-1, heads, d), v.view(-1, heads, d), q_spans, k_spans,
                            self.scale).reshape(q.shape[0], -1)
-        if _padded_core_is_cheaper(q_spans, k_spans, heads * d):
-            return self._attend_padded(q, k, v, q_spans, k_spans, heads)
         outs = []
         for (qs, qe), (ks, ke) in zip(q_spans, k_spans):
             qh = q[qs:qe].view(qe - qs, heads, d).transpose(0, 1)
@@ -373,6 +400,7 @@ def _rows(spans: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, l
 # FLOP-equivalents: ~25 us on a CPU core. Many short samples (a tiny model, a late layer) then
 # run faster as one padded call; long ones as one call each, which pays no padding.
 _CALL_FLOPS = 1.5e6
+_HEAD_SLICE_CALLS = 16  # calls a sample's own head subset adds (projections, weight slices, output)
 
 
 def _padded_core_is_cheaper(q_spans: list[tuple[int, int]], k_spans: list[tuple[int, int]], width: int) -> bool:

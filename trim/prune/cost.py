@@ -24,18 +24,21 @@ from torch import Tensor, nn
 from trim.nn.attention import Attention
 from trim.nn.blocks import CrossBlock, PostNormBlock, PreNormBlock
 from trim.nn.mlp import Mlp
+from trim.nn.tokens import Packing
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer
 
 Count = Tensor | float | int
 
 
-def attention_flops(attn: Attention, n: Count, heads: Count, m: Count | None = None) -> Count:
+def attention_flops(attn: Attention, n: Count, heads: Count, m: Count | None = None,
+                    pairs: Count | None = None) -> Count:
+    """``pairs``: query-key pairs the core computes, when not ``n m`` (a padded packed core)."""
     # The four terms of the docstring share 4 h d_h: 4 h d_h (n D + m D_kv + n m). Factored so
     # that tensor counts (training) cost a handful of tensor ops per layer, not one per factor.
     per_head = 4 * attn.head_dim * heads
-    if m is None:
-        return per_head * (n * (attn.dim + attn.kv_dim + n))
-    return per_head * (n * (attn.dim + m) + m * attn.kv_dim)
+    m = n if m is None else m
+    pairs = n * m if pairs is None else pairs
+    return per_head * (n * attn.dim + m * attn.kv_dim + pairs)
 
 
 def mlp_flops(mlp: Mlp, n: Count) -> Count:
@@ -43,19 +46,34 @@ def mlp_flops(mlp: Mlp, n: Count) -> Count:
 
 
 def block_flops(block: nn.Module, n: Count, heads: Count | None = None, *,
-                context_n: Count | None = None, cross_heads: Count | None = None) -> Count:
-    """FLOPs of one block for ``n`` tokens (and ``context_n`` keys for a cross block)."""
+                context_n: Count | None = None, cross_heads: Count | None = None, pairs: Count | None = None,
+                cross_pairs: Count | None = None) -> Count:
+    """FLOPs of one block for ``n`` tokens (and ``context_n`` keys for a cross block); ``pairs`` /
+    ``cross_pairs``: the attention cores' query-key pairs when they run padded (`core_pairs`)."""
     if isinstance(block, (PreNormBlock, PostNormBlock)):
         h = block.attn.num_heads if heads is None else heads
-        return attention_flops(block.attn, n, h) + mlp_flops(block.mlp, n)
+        return attention_flops(block.attn, n, h, pairs=pairs) + mlp_flops(block.mlp, n)
     if isinstance(block, CrossBlock):
         if context_n is None:
             raise ValueError("a CrossBlock's cost needs context_n, the other stream's token count")
         h = block.self_attn.num_heads if heads is None else heads
         hc = block.cross_attn.num_heads if cross_heads is None else cross_heads
-        return (attention_flops(block.self_attn, n, h) + attention_flops(block.cross_attn, n, hc, context_n)
-                + mlp_flops(block.mlp, n))
+        return (attention_flops(block.self_attn, n, h, pairs=pairs)
+                + attention_flops(block.cross_attn, n, hc, context_n, pairs=cross_pairs) + mlp_flops(block.mlp, n))
     raise TypeError(f"no cost model for {type(block).__name__}; add one to trim/prune/cost.py")
+
+
+def core_pairs(attn: Attention, packing: Packing | None, context_packing: Packing | None = None,
+               head_keep: Tensor | None = None) -> Tensor | None:
+    """(B,) query-key pairs a packed attention core computes per sample when it runs as one padded
+    call (`Attention.pads_core`: each sample then pays the batch's longest), else None (``n m``)."""
+    if packing is None or head_keep is not None:
+        return None
+    context = context_packing or packing
+    if not attn.pads_core(packing, context):
+        return None
+    return torch.full((len(packing.lengths),), float(packing.max_length * context.max_length),
+                      device=packing.offsets.device)
 
 
 def token_trimmer_flops(trimmer: TokenTrimmer, n: Count) -> Count:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from trim.nn.tokens import TokenSet
-from trim.prune.cost import CostMeter, block_flops, head_trimmer_flops, token_trimmer_flops
+from trim.prune.cost import CostMeter, block_flops, core_pairs, head_trimmer_flops, token_trimmer_flops
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run
 
 TRIM_MODES = ("train", "masked", "eval", "off")
@@ -102,11 +102,13 @@ class HeadStep:
 
 
 def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode: str, *, tau: float = 1.0,
-               other: Tensor | None = None, packed: bool = False) -> HeadStep:
+               other: Tensor | None = None, packed: bool = False, per_sample: bool = True) -> HeadStep:
     """Apply one attention layer's head trimmer (or nothing) in the given trimming mode.
 
-    ``packed``: the tokens are packed, so each sample runs its own heads (`Attention`'s
-    ``head_keep``) and pays for them alone; padded ``eval`` runs the batch's union instead.
+    ``packed``: the tokens are packed. With ``per_sample`` each sample runs its own heads
+    (`Attention`'s ``head_keep``) and pays for them alone; without (small layers, see
+    `Attention.slices_heads_per_sample`) every head runs and the dropped ones are masked, so the
+    cost counts every head. Padded ``eval`` runs the batch's union instead.
     """
     if trimmer is None or mode == "off":
         everything = torch.full((pooled.shape[0],), float(num_heads), device=pooled.device)
@@ -118,6 +120,8 @@ def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode
         return HeadStep(mask, None, None, prob.sum(1), kept, overhead)
     if mode == "masked":
         return HeadStep(mask, None, None, kept, kept, overhead)
+    if packed and not per_sample:
+        return HeadStep(mask, None, None, None, kept, overhead)
     if packed:
         keep = mask.bool()
         return HeadStep(None, None, None if bool(keep.all()) else keep, kept, kept, overhead)
@@ -168,13 +172,15 @@ class TrimmedStack(nn.Module):
             tokens = tok.tokens
             pooled = tokens.mean() if own is None or key not in self.head_trimmers else own
             head = trim_heads(self.head_trimmers[key] if key in self.head_trimmers else None, _num_heads(block),
-                              pooled, mode, tau=tau, other=other_now, packed=tokens.packing is not None)
+                              pooled, mode, tau=tau, other=other_now, packed=tokens.packing is not None,
+                              per_sample=tokens.packing is None or _attention(block).slices_heads_per_sample(tokens.packing))
             kept = tokens.kept_counts()
             n_cost = token_cost(tokens, tok)
             tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads,
                                          packing=tokens.packing, head_keep=head.keep))
             if meter is not None:
-                meter.add(block_flops(block, n_cost, head.cost_heads) + tok.overhead + head.overhead,
+                pairs = core_pairs(_attention(block), tokens.packing, head_keep=head.keep)
+                meter.add(block_flops(block, n_cost, head.cost_heads, pairs=pairs) + tok.overhead + head.overhead,
                           block_flops(block, full_tokens), b, tokens.x.device)
             if records is not None:
                 alive = tokens.alive_positions() if track_alive else None
@@ -184,6 +190,9 @@ class TrimmedStack(nn.Module):
         return tokens
 
 
+def _attention(block: nn.Module) -> nn.Module:
+    return getattr(block, "attn", None) or getattr(block, "self_attn")
+
+
 def _num_heads(block: nn.Module) -> int:
-    attn = getattr(block, "attn", None) or getattr(block, "self_attn")
-    return attn.num_heads
+    return _attention(block).num_heads
