@@ -59,8 +59,10 @@ def start_tokens(x: Tensor, mode: str, *, valid: Tensor | None = None, protect: 
     check_mode(mode)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not a layout; choose one of {LAYOUTS}")
+    # One sample packed is the padded layout with extra bookkeeping: it runs padded (same outputs, same cost).
+    packed = mode == "eval" and layout == "packed" and x.shape[0] > 1
     return TokenSet.start(x, valid=valid, protect=protect, segment=segment, physical=mode == "eval",
-                          soft=mode == "train", packed=mode == "eval" and layout == "packed")
+                          soft=mode == "train", packed=packed)
 
 
 # (tokens) -> (own pooled feature or None for the default mean, other modality's pooled feature)
