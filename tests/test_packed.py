@@ -146,7 +146,7 @@ def test_packed_equals_masked_through_whole_models(family, task, bridged, core):
     model, data = make(family, task, bridged=bridged), batch(task)
     with torch.no_grad():
         masked = model(data, trim="masked", track_alive=True)
-        packed = model(data, trim="eval", track_alive=True)
+        packed = model(data, trim="eval", layout="packed", track_alive=True)
         padded = model(data, trim="eval", layout="padded", track_alive=True)
     torch.testing.assert_close(packed.logits, masked.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.logits, masked.logits, atol=1e-5, rtol=1e-5)
@@ -184,7 +184,7 @@ def test_packed_cost_matches_counted_flops_at_batch_above_one(family, core):
         return sum(per_module[k] for k in outermost), out
 
     full, _ = count(trim="off")
-    packed, out = count(trim="eval")
+    packed, out = count(trim="eval", layout="packed")
     padded, out_padded = count(trim="eval", layout="padded")
     assert len(set(out.cost_ratio.tolist())) > 1, "samples should cost differently"
     assert float(out.cost_ratio.mean()) == pytest.approx(packed / full, rel=0.02)
@@ -197,11 +197,25 @@ def test_batch_of_one_is_the_same_in_both_layouts():
     model = make("dual", "vqa")
     data = {k: v[:1] for k, v in batch("vqa").items()}
     with torch.no_grad():
-        packed, padded = model(data, trim="eval"), model(data, trim="eval", layout="padded")
+        packed, padded = model(data, trim="eval", layout="packed"), model(data, trim="eval", layout="padded")
     torch.testing.assert_close(packed.logits, padded.logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(packed.cost_ratio, padded.cost_ratio)
 
 
 def test_unknown_layout_is_named():
-    with pytest.raises(ValueError, match=r"layout='jagged' is not a layout; choose one of \('packed', 'padded'\)"):
+    with pytest.raises(ValueError, match=r"layout='jagged' is not a layout; choose one of \('auto', 'packed', 'padded'\)"):
         make("vilt", "vqa")(batch("vqa"), trim="eval", layout="jagged")
+
+
+def test_auto_layout_packs_large_models_only():
+    from trim.eval.bench_model import meter_config
+    from trim.prune import auto_layout
+
+    meter = meter_config().vision
+    assert auto_layout(meter.width, meter.num_tokens) == "packed"  # 24 x 325 x 768^2 FLOPs a block per sample
+    tiny = VisionConfig()
+    assert auto_layout(tiny.width, tiny.num_tokens) == "padded"  # packing's fixed ops would outweigh it
+    model, data = make("dual", "vqa"), batch("vqa")
+    with torch.no_grad():
+        auto, padded = model(data, trim="eval"), model(data, trim="eval", layout="padded")
+    torch.testing.assert_close(auto.cost_ratio, padded.cost_ratio)

@@ -101,7 +101,7 @@ def solve_mean_keep(model: TrimModel, probe: dict, target: float, batch: int, sp
 
 
 def run(model: TrimModel, *, batch_sizes: list[int], targets: list[float] | None, warmup: int, repeats: int,
-        spread: float = 0.25, layouts: tuple[str, ...] = LAYOUTS, text_len: int = 40,
+        spread: float = 0.25, layouts: tuple[str, ...] = ("packed", "padded"), text_len: int = 40,
         device: str = "cpu") -> list[dict]:
     if not has_trimmers(model):
         raise ValueError("this model has no trimmers to time; set model.trim.*_layers")
@@ -173,7 +173,8 @@ def main(argv: list[str]) -> int:
                    help="force trimmers to these mean cost ratios (default: 0.5 0.33 for meter, learned otherwise)")
     p.add_argument("--spread", type=float, default=0.25,
                    help="with --targets: per-sample keep fractions spread evenly over mean ± this")
-    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    p.add_argument("--layouts", nargs="+", default=["packed", "padded"], choices=LAYOUTS,
+                   help="auto: what the model picks by its size (trim.prune.auto_layout)")
     p.add_argument("--image-size", type=int, default=None, help="meter only: image size (default 288)")
     p.add_argument("--text-len", type=int, default=40)
     p.add_argument("--warmup", type=int, default=2)

@@ -55,7 +55,7 @@ def held_out_batches(ckpt: Path, model: Any, recipe: dict[str, Any], data: str |
 def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
                          batches: Iterable[dict] | None = None, target: float | None = None, split: str = "val",
                          samples: int = CALIBRATION_SAMPLES, batch_size: int = 32, device: str | torch.device | None = None,
-                         trim_mode: str = "masked") -> Calibration:
+                         trim_mode: str = "eval") -> Calibration:
     """Load ``checkpoint``, fit its calibration on held-out inputs and store it in its config.json.
 
     Inputs: ``batches`` (dicts with pixel_values / input_ids / attention_mask; what the trainer
@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                                                 "(default: the recipe's objective.target)")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--trim", default="masked", choices=("masked", "eval"),
-                   help="cost fitted: per sample (masked, default) or with padding to the batch maximum (eval)")
+    p.add_argument("--trim", default="eval", choices=("masked", "eval"),
+                   help="cost fitted: what inference runs (eval, default: the model's layout at --batch-size) or "
+                        "what each sample needs on its own (masked)")
     return p
 
 

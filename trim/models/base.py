@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from trim.models.config import ModelConfig
 from trim.models.output import ModelOutput
 from trim.models.streams import per_image
-from trim.prune import CostMeter, LayerRecord, trimmer_modules
+from trim.prune import CostMeter, LayerRecord, auto_layout, trimmer_modules
 from trim.prune.calibrate import Calibration, CalibrationError, logit_shift
 from trim.prune.stack import check_mode
 
@@ -36,14 +36,15 @@ class TrimModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False,
-                budget: float | None = None, layout: str = "packed") -> ModelOutput:
+                budget: float | None = None, layout: str = "auto") -> ModelOutput:
         """``trim``: a trimming mode (`trim.prune.TRIM_MODES`).
 
         ``budget``: the mean cost ratio to serve with deterministic decisions (``masked`` /
         ``eval``), through the calibrated logit shift; None serves the calibrated target (or, for
         an uncalibrated model, the trained logits as they are).
         ``layout``: how ``trim="eval"`` holds the kept tokens, ``packed`` (each sample pays for
-        what it kept) or ``padded`` (every sample padded to the batch's longest).
+        what it kept) or ``padded`` (every sample padded to the batch's longest); ``auto`` picks by
+        the vision stream's size (`trim.prune.auto_layout`), the same for every stream.
         """
         check_mode(trim)
         if budget is not None and trim not in ("masked", "eval"):
@@ -66,6 +67,8 @@ class TrimModel(nn.Module):
         return self.calibration.shift_for(budget)
 
     def _forward(self, batch: dict, trim: str, tau: float, track_alive: bool, layout: str) -> ModelOutput:
+        if layout == "auto":  # one decision for the model: co-attention needs both streams in one layout
+            layout = auto_layout(self.config.vision.width, self.config.vision.num_tokens)
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask

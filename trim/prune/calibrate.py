@@ -6,7 +6,7 @@ After training one global logit shift ``s`` is fitted on held-out inputs so the 
 per-sample cost of the deterministic forward equals the target::
 
     keep  <=>  logit + s > 0          (every token and head trimmer, inference only)
-    mean_i cost_i(s) = target         (cost_i: model(batch, trim="masked").cost_ratio)
+    mean_i cost_i(s) = target         (cost_i: model(batch, trim="eval").cost_ratio)
 
 A larger ``s`` keeps more at every trimmer, so the mean cost rises with ``s`` (up to the
 few samples whose later trimmers see other inputs) and bisection finds it. Repeating the
@@ -14,8 +14,10 @@ fit over a grid of budgets gives a table ``[[budget, shift], ...]`` from which a
 range is served by the same weights (``shift_for``: linear between grid points). No labels
 are read: the fit only sees inputs, so the val split's inputs can serve.
 
-The fit uses ``trim="masked"``: the cost each sample pays on its own (no padding to a batch
-maximum), which is what a packed batch pays. The result is a `Calibration`, stored in the
+The fit uses ``trim="eval"`` by default: the cost of what inference runs, in the model's own
+layout at the calibration batch size (packed, for all but tiny models: each sample's own cost;
+tiny models run padded with heads unioned, and that is then what the budget buys).
+``trim="masked"`` fits the cost each sample needs on its own instead. The result is a `Calibration`, stored in the
 checkpoint's ``config.json`` (section ``calibration``) and attached to the model by
 `trim.models.load_model`; ``model(batch, trim="eval", budget=0.4)`` then reads it.
 """
@@ -128,7 +130,7 @@ class CostCurve:
     """Mean per-sample cost of ``model`` on fixed inputs as a function of the logit shift (memoised:
     each point is one pass over the inputs)."""
 
-    def __init__(self, model: nn.Module, batches: Iterable[dict], trim_mode: str = "masked") -> None:
+    def __init__(self, model: nn.Module, batches: Iterable[dict], trim_mode: str = "eval") -> None:
         if trim_mode not in ("masked", "eval"):
             raise CalibrationError(f"trim_mode={trim_mode!r}: calibration fits a deterministic forward; "
                                    "use 'masked' (per-sample cost) or 'eval' (padding counted)")
@@ -190,7 +192,7 @@ class CostCurve:
         return best
 
 
-def fit_shift(model: nn.Module, batches: Iterable[dict], target: float, *, trim_mode: str = "masked",
+def fit_shift(model: nn.Module, batches: Iterable[dict], target: float, *, trim_mode: str = "eval",
               tol: float = TOLERANCE) -> float:
     """One global logit shift such that the mean per-sample cost on ``batches`` is ``target``."""
     return CostCurve(model, batches, trim_mode).solve(float(target), tol)
@@ -207,7 +209,7 @@ def budget_grid(lowest: float, highest: float, step: float = GRID_STEP, tol: flo
 
 
 def budget_table(model: nn.Module, batches: Iterable[dict] | CostCurve, budgets: Sequence[float] | None = None, *,
-                 trim_mode: str = "masked", tol: float = TOLERANCE) -> list[list[float]]:
+                 trim_mode: str = "eval", tol: float = TOLERANCE) -> list[list[float]]:
     """``[[budget, shift], ...]`` over ``budgets`` (default: `budget_grid` of the reachable range),
     budgets ascending, shifts made non-decreasing (so interpolation between them stays monotone)."""
     curve = batches if isinstance(batches, CostCurve) else CostCurve(model, batches, trim_mode)
@@ -220,7 +222,7 @@ def budget_table(model: nn.Module, batches: Iterable[dict] | CostCurve, budgets:
     return table
 
 
-def calibrate(model: nn.Module, batches: Iterable[dict], target: float, *, trim_mode: str = "masked",
+def calibrate(model: nn.Module, batches: Iterable[dict], target: float, *, trim_mode: str = "eval",
               tol: float = TOLERANCE, source: dict[str, Any] | None = None) -> Calibration:
     """Fit the target's shift and the budget table on ``batches`` (held-out inputs; labels unused).
 

@@ -7,7 +7,7 @@ Trimming modes (the ``trim=`` argument of every trim model):
 * ``masked`` — masked layout, deterministic decisions (what ``eval`` computes, without
   gathering; used to check invariant 1 and for debugging).
 * ``eval``   — physical layout: kept tokens gathered, kept heads computed. ``layout="packed"``
-  (the default) packs the kept tokens of all samples and computes each sample's own heads, so
+  (what ``auto``, the default, picks for all but tiny models: `auto_layout`) packs the kept tokens of all samples and computes each sample's own heads, so
   a sample's cost is what it kept; ``layout="padded"`` pads to the batch's longest sample and
   runs the union of the batch's heads (the cost then counts that padding and those heads).
 * ``off``    — no trimmer runs; the model is the untrimmed original (the teacher).
@@ -29,7 +29,17 @@ from trim.prune.cost import CostMeter, block_flops, core_pairs, head_trimmer_flo
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run
 
 TRIM_MODES = ("train", "masked", "eval", "off")
-LAYOUTS = ("packed", "padded")  # how trim="eval" holds the kept tokens
+LAYOUTS = ("auto", "packed", "padded")  # how trim="eval" holds the kept tokens
+# Packing adds a fixed number of small ops per layer (bookkeeping, one attention call per sample);
+# measured on the tiny demo model (width 64, 65 tokens) they cost more than the padding they
+# save, on METER-size layers (width 768, 325 tokens) far less. In FLOP-equivalents per layer:
+_PACKING_OVERHEAD_FLOPS = 6e7
+
+
+def auto_layout(width: int, tokens: int) -> str:
+    """The layout ``layout="auto"`` picks for a model whose widest stream has ``tokens`` tokens of
+    ``width``: packed when a block's work per sample (24 n D^2 FLOPs) dwarfs packing's fixed cost."""
+    return "packed" if 24 * tokens * width**2 > _PACKING_OVERHEAD_FLOPS else "padded"
 
 
 def check_mode(mode: str) -> str:
@@ -54,11 +64,14 @@ class LayerRecord:
 
 
 def start_tokens(x: Tensor, mode: str, *, valid: Tensor | None = None, protect: Tensor | None = None,
-                 segment: Tensor | None = None, layout: str = "packed") -> TokenSet:
-    """The TokenSet layout a mode runs in (physical only for ``eval``, packed or padded)."""
+                 segment: Tensor | None = None, layout: str = "auto") -> TokenSet:
+    """The TokenSet layout a mode runs in (physical only for ``eval``, packed or padded;
+    ``auto``: `auto_layout` of this stream's size)."""
     check_mode(mode)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not a layout; choose one of {LAYOUTS}")
+    if layout == "auto":
+        layout = auto_layout(x.shape[-1], x.shape[1])
     # One sample packed is the padded layout with extra bookkeeping: it runs padded (same outputs, same cost).
     packed = mode == "eval" and layout == "packed" and x.shape[0] > 1
     return TokenSet.start(x, valid=valid, protect=protect, segment=segment, physical=mode == "eval",
