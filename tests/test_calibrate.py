@@ -179,7 +179,8 @@ def test_calibrate_checkpoint_takes_the_trainers_batches(tmp_path):
 
     ckpt = save_model(_tiny(), tmp_path / "step_8", extra={"objective": {"method": "smarttrim", "target": 0.5}})
     batches = iter(_batches(1, 6))  # a val iterator; labels would be ignored
-    cal = calibrate_checkpoint(ckpt, batches=batches, samples=20, device="cpu")
+    # fitted at the batch size it is measured at below: a padded batch's cost depends on its size
+    cal = calibrate_checkpoint(ckpt, batches=batches, samples=20, batch_size=8, device="cpu")
     assert cal.target == 0.5 and cal.samples == 20 and cal.source == {"data": "batches passed by the caller"}
     assert load_model(ckpt).calibration == Calibration.from_dict(cal.to_dict())
     assert abs(_mean_cost(load_model(ckpt), _batches(2, 12)) - 0.5) <= TOL

@@ -45,7 +45,7 @@ def held_out_batches(ckpt: Path, model: Any, recipe: dict[str, Any], data: str |
 
     cfg = model.config
     source = read_split(Path(data), cfg.task, split, cfg, recipe, None)
-    batches = held_out_inputs(source.loader(cfg, batch_size, 0), MODEL_INPUTS, samples)
+    batches = held_out_inputs(source.loader(cfg, batch_size, 0), MODEL_INPUTS, samples, batch_size)
     if not batches:
         raise ConfigError(f"{data}: {cfg.task}/{split} gave no samples to calibrate {ckpt} on; pick a split with "
                           "samples (--split)")
@@ -80,7 +80,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike 
         batches = held_out_batches(ckpt, model, recipe, data, split=split, samples=samples, batch_size=batch_size)
         source = {"data": str(Path(data).resolve()), "split": split}
     else:
-        batches = held_out_inputs(batches, MODEL_INPUTS, samples)
+        batches = held_out_inputs(batches, MODEL_INPUTS, samples, batch_size)
         source = {"data": "batches passed by the caller"}
     cal = calibrate(model, batches, target, trim_mode=trim_mode, source=source)
     write_calibration(ckpt, cal)

@@ -45,6 +45,7 @@ MIN_STEP = 1e-3  # bisection stops when the shift interval is this narrow
 
 
 CALIBRATION_SAMPLES = 512  # held-out inputs a fit reads by default
+CALIBRATION_BATCH = 32  # the batch size the fit runs at: trim eval's default, where speed is measured
 
 
 class CalibrationError(TrimError, ValueError):
@@ -244,13 +245,20 @@ def calibrate(model: nn.Module, batches: Iterable[dict], target: float, *, trim_
     return cal
 
 
-def held_out_inputs(batches: Iterable[dict], keys: Sequence[str], samples: int = CALIBRATION_SAMPLES) -> list[dict]:
-    """The first ``samples`` rows of ``batches``, only their ``keys`` (model inputs: a fit needs no labels)."""
-    out, seen = [], 0
+def held_out_inputs(batches: Iterable[dict], keys: Sequence[str], samples: int = CALIBRATION_SAMPLES,
+                    batch_size: int = CALIBRATION_BATCH) -> list[dict]:
+    """The first ``samples`` rows of ``batches``, only their ``keys`` (model inputs: a fit needs no
+    labels), regrouped into batches of ``batch_size``: a padded batch's cost depends on its size,
+    so the fit sees batches of the size inference is measured at."""
+    rows: dict[str, list] = {k: [] for k in keys}
+    seen = 0
     for batch in batches:
         if seen >= samples:
             break
         n = min(int(batch["pixel_values"].shape[0]), samples - seen)
-        out.append({k: batch[k][:n] for k in keys if k in batch})
+        for k in keys:
+            if k in batch:
+                rows[k].append(batch[k][:n])
         seen += n
-    return out
+    joined = {k: torch.cat(v) for k, v in rows.items() if v}
+    return [{k: v[i:i + batch_size] for k, v in joined.items()} for i in range(0, seen, batch_size)]
