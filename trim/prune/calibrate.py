@@ -260,5 +260,14 @@ def held_out_inputs(batches: Iterable[dict], keys: Sequence[str], samples: int =
             if k in batch:
                 rows[k].append(batch[k][:n])
         seen += n
-    joined = {k: torch.cat(v) for k, v in rows.items() if v}
+    joined = {k: _cat_rows(v) for k, v in rows.items() if v}
     return [{k: v[i:i + batch_size] for k, v in joined.items()} for i in range(0, seen, batch_size)]
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several batches in one tensor; token sequences right-padded with 0 to the longest
+    (the attention mask is 0 there, so those positions are padding to the model)."""
+    if parts[0].dim() == 2 and len({p.shape[1] for p in parts}) > 1:
+        longest = max(p.shape[1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in parts]
+    return torch.cat(parts)
