@@ -91,8 +91,9 @@ def plot_pareto(
         ax.plot(xs, ys, marker="s" if curve else "o", linestyle="-." if curve else "-", linewidth=1, alpha=0.85,
                 label=group or None)
         for p in members:
-            ax.annotate(str(p["name"]), (p["speedup"], p["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            # A budget curve's legend names its model: its points need only their budget.
+            label = f"@{p['budget']:g}" if curve and p.get("budget") is not None else str(p["name"])
+            ax.annotate(label, (p["speedup"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front(points)
     if len(front) > 1:
         # Staircase of what is attainable: asking for a speedup between two front points

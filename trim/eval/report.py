@@ -157,7 +157,7 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
             front = pareto_front([{"name": r["name"], "speedup": r["speedup"], "accuracy": r["accuracy"]}
                                   for r in plotted])
             front_names = {p["name"] for p in front}
-            path = plot_pareto([{k: r[k] for k in ("name", "speedup", "accuracy", "group", "budget_curve")}
+            path = plot_pareto([{k: r[k] for k in ("name", "speedup", "accuracy", "group", "budget_curve", "budget")}
                                 for r in plotted],
                                out / f"pareto_{task}.png", title=f"{task}: accuracy vs measured {speed} speedup",
                                accuracy_label=plotted[0]["accuracy_name"])
