@@ -20,13 +20,7 @@ N_VAL, SHARD_SIZE = 24, 6  # 4 shards: two ranks read different ones
 SPEED = ["--warmup", "1", "--repeats", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The box is small and shared: more threads than free cores makes OpenMP spin-wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,6 @@ from trim.train.trainer import lr_factor, param_groups
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from trim.data import write_synthetic
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_synthetic(out, {"train": 64, "val": 24}, tasks=("vqa",), image_size=32, progress=False)
-    return out
-
-
 def tiny_recipe(data_root: Path, out: Path, **sections) -> dict:
     raw = {
         "name": "tiny",
