@@ -17,7 +17,7 @@ A `TokenSet` carries a stream's tokens through a stack of blocks in one of two l
 
   Per-token bookkeeping (``keep``, ``protect``, ``index``, ``segment``) stays on the (B, M)
   grid in both: it is small, and the trimmers' per-sample rules (top-k, minimum kept) are
-  row operations on it. `TokenSet.broadcast` and `TokenSet.to_grid` move per-sample and
+  row operations on it. `TokenSet.broadcast` and `TokenSet.grid` move per-sample and
   per-token values between the layouts.
 
 For the same hard decisions all layouts give the same outputs (design invariant 1):
@@ -139,15 +139,12 @@ class TokenSet:
         return self.keep.shape[0]
 
     def grid(self, values: Tensor | None = None) -> Tensor:
-        """Per-token values (default: ``x``) on the (B, M, ...) grid; padding slots hold row 0's."""
+        """Per-token values in this set's layout (default: ``x``; or a module's output on ``x``) on the
+        (B, M, ...) grid; padding slots hold row 0's."""
         values = self.x if values is None else values
         if self.packing is None:
             return values
         return values[0][self.packing.rows]
-
-    def to_grid(self, per_token: Tensor) -> Tensor:
-        """A per-token result of a module run on ``x`` ((B, M, ...) or packed (1, T, ...)) on the grid."""
-        return self.grid(per_token)
 
     def pack(self, grid_values: Tensor) -> Tensor:
         """(B, M, ...) grid values in this set's layout: packed (1, T, ...) or as they are."""

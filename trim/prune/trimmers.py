@@ -88,7 +88,7 @@ class TokenTrimmer(nn.Module):
             if other is None:
                 raise ValueError("this TokenTrimmer is cross-modal: pass the other modality's pooled feature")
             h = h + tokens.broadcast(self.cross(other))
-        return tokens.to_grid(self.out(self.act(self.norm(h))).squeeze(-1))
+        return tokens.grid(self.out(self.act(self.norm(h))).squeeze(-1))
 
     def forward(self, tokens: TokenSet, other: Tensor | None = None, *, own: Tensor | None = None,
                 decision: str = "threshold", tau: float = 1.0) -> tuple[Tensor, Tensor]:
