@@ -179,10 +179,7 @@ def read_nlvr2_predictions(path: str | os.PathLike) -> dict[str, bool]:
             raise FileFormatError(f"{where} is not 'identifier,True|False' (True/False in any case, no spaces, "
                                   f"no other column).{header}")
         identifier = fields[0]
-        if identifier in first_line:
-            raise FileFormatError(f"{where}: identifier {identifier!r} again (first on line "
-                                  f"{first_line[identifier]}); give one prediction per example")
-        first_line[identifier] = lineno
+        _first_time(first_line, identifier, lineno, where, "; give one prediction per example")
         predictions[identifier] = value
     if not predictions:
         raise FileFormatError(f"--predictions {path} has no 'identifier,True|False' line")
@@ -215,14 +212,18 @@ def read_nlvr2_labels(path: str | os.PathLike) -> dict[str, bool]:
         if label is None:
             raise FileFormatError(f"{where} ({identifier}): label {_kind(entry.get('label'))} is not 'True'/'False'"
                                   " (an unlabelled split such as test2 cannot be scored)")
-        if identifier in first_line:
-            raise FileFormatError(f"{where}: identifier {identifier!r} again (first on line "
-                                  f"{first_line[identifier]})")
-        first_line[identifier] = lineno
+        _first_time(first_line, identifier, lineno, where)
         labels[identifier] = label
     if not labels:
         raise FileFormatError(f"--labels {path} has no examples")
     return labels
+
+
+def _first_time(first_line: dict[str, int], identifier: str, lineno: int, where: str, fix: str = "") -> None:
+    """Record where ``identifier`` first appears; a second appearance is an error naming both lines."""
+    if identifier in first_line:
+        raise FileFormatError(f"{where}: identifier {identifier!r} again (first on line {first_line[identifier]}){fix}")
+    first_line[identifier] = lineno
 
 
 def id_mismatch(got: Any, expected: Any, *, got_name: str, expected_name: str, ids: str) -> str | None:
