@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_runs import vl_batch
 from trim.models import ModelConfig, TrimConfig, create_model
 from trim.models.clip_text import ClipTextConfig
 from trim.models.config import VisionConfig
@@ -65,17 +66,9 @@ def vl_model(family: str, bridged: bool = False) -> nn.Module:
     return create_model(cfg).eval()
 
 
-def vl_batch(b: int = 3) -> dict:
-    ids = torch.randint(5, 500, (b, 8))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    ids[mask == 0] = 0
-    return {"pixel_values": torch.randn(b, 2, 3, 64, 64), "input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("family,bridged", [("dual", False), ("dual", True), ("vilt", False)])
 def test_vl_models_read_parameters_only_in_their_owners_forward(family, bridged):
-    model, data = vl_model(family, bridged), vl_batch()
+    model, data = vl_model(family, bridged), vl_batch(images=2)
     randomise_trimmers(model)
     with torch.no_grad():
         reference = {mode: model(data, trim=mode) for mode in TRIM_MODES if mode != "train"}

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_runs import vl_batch
 from trim.models import ModelConfig, TrimConfig, create_model
 from trim.nn import Attention, SliceableLinear
 from trim.prune import HeadTrimmer, TokenTrimmer
@@ -33,14 +34,6 @@ def make(family: str) -> nn.Module:
     cfg = ModelConfig(family=family, task="vqa", num_labels=5, trim=TrimConfig(**TRIM[family]))
     cfg.vision.layers = 2
     return create_model(cfg).eval()
-
-
-def batch(b: int = 3) -> dict:
-    ids = torch.randint(5, 500, (b, 8))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    ids[mask == 0] = 0
-    return {"pixel_values": torch.randn(b, 3, 64, 64), "input_ids": ids, "attention_mask": mask}
 
 
 def projections(model: nn.Module):
@@ -77,7 +70,7 @@ def test_forward_hooks_fire_on_every_projection(family, trim):
             calls[name] = calls.get(name, 0) + 1
         getattr(attn, proj).register_forward_hook(count)
     with torch.no_grad():
-        model(batch(), trim=trim)
+        model(vl_batch(), trim=trim)
     names = [name for name, _, _ in projections(model)]
     assert any(n.endswith(".qkv") for n in names) or family == "vilt"
     assert [n for n in names if n not in calls] == [], "projections whose forward hooks never fired"
@@ -85,7 +78,7 @@ def test_forward_hooks_fire_on_every_projection(family, trim):
 
 @pytest.mark.parametrize("family", ["dual", "vilt"])
 def test_lora_wrapped_projections_start_as_identity_and_then_train(family):
-    model, data = make(family), batch()
+    model, data = make(family), vl_batch()
     randomise_trimmers(model)
     with torch.no_grad():
         ref = {trim: model(data, trim=trim).logits for trim in ("off", "masked")}

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny_runs import tiny_recipe
 from trim.config import load_recipe
 from trim.errors import ConfigError
 from trim.train.checkpoint import latest_checkpoint, list_checkpoints
@@ -22,28 +23,6 @@ from trim.train.objectives import METHODS, build_objective, task_loss
 from trim.train.trainer import lr_factor, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_recipe(data_root: Path, out: Path, **sections) -> dict:
-    raw = {
-        "name": "tiny",
-        "output_dir": str(out),
-        "model": {
-            "family": "dual", "task": "vqa", "num_labels": 25,
-            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
-            "text": {"vocab_size": 256, "width": 32, "layers": 2, "heads": 2},
-            "cross_layers": 2, "cross_width": 32, "cross_heads": 2,
-            "trim": {"vision_token_layers": [1], "cross_token_layers": [0, 1], "cross_head_layers": [0, 1]},
-        },
-        "data": {"root": str(data_root), "task": "vqa", "image_size": 32, "batch_size": 4, "shuffle_buffer": 32},
-        "train": {"steps": 4, "lr": 1e-3, "trimmer_lr": 1e-2, "warmup": 1, "save_every": 2, "eval_every": 2,
-                  "log_every": 1, "progress": False},
-        "objective": {"method": "smarttrim", "target": 0.6, "hidden_cosine": 0.1,
-                      "curriculum": {"steps": 4}, "gumbel": {"tau_start": 1.0, "tau_end": 0.5}},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return raw
 
 
 def read_metrics(run: Path) -> list[dict]:

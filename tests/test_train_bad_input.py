@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from tiny_runs import tiny_recipe
 from trim.config import load_recipe
 from trim.errors import CheckpointError, ConfigError
 from trim.train.checkpoint import verify_deepspeed_files
@@ -24,21 +25,9 @@ from trim.train.trainer import Trainer
 
 
 def tiny(data_root: Path, out: Path, **train) -> dict:
-    """Plain fine-tuning of a two-layer dual-stream model: the cheapest run that saves and evaluates."""
-    return {
-        "name": "tiny",
-        "output_dir": str(out),
-        "model": {
-            "family": "dual", "task": "vqa", "num_labels": 25,
-            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
-            "text": {"vocab_size": 256, "width": 32, "layers": 2, "heads": 2},
-            "cross_layers": 2, "cross_width": 32, "cross_heads": 2,
-        },
-        "data": {"root": str(data_root), "task": "vqa", "image_size": 32, "batch_size": 4, "shuffle_buffer": 32},
-        "train": {"steps": 2, "lr": 1e-3, "warmup": 1, "save_every": 0, "eval_every": 0, "log_every": 1,
-                  "progress": False, **train},
-        "objective": {"method": "none"},
-    }
+    """Plain fine-tuning of the tiny dual-stream model: the cheapest run that saves and evaluates."""
+    return tiny_recipe(data_root, out, model={"trim": {}}, objective={"method": "none"},
+                       train={"steps": 2, "save_every": 0, "eval_every": 0, **train})
 
 
 def write_yaml(path: Path, raw: dict) -> Path:

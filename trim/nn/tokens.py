@@ -76,16 +76,19 @@ class Packing:
 
     @property
     def total(self) -> int:
-        return int(self.offsets[-1])
+        return sum(self.lengths)
 
     @property
     def max_length(self) -> int:
         return max(self.lengths, default=0)
 
     def spans(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` rows of each sample."""
-        starts = self.offsets.tolist()
-        return list(zip(starts[:-1], starts[1:]))
+        """``(start, stop)`` rows of each sample (from the Python lengths: no device sync per call)."""
+        out, start = [], 0
+        for n in self.lengths:
+            out.append((start, start + n))
+            start += n
+        return out
 
 
 @dataclass
