@@ -1,6 +1,7 @@
 """``trim data ...``: write the synthetic world, convert official datasets, inspect shards.
 
     trim data synth --out DIR --train N --val N --test N --image-size 64 --seed 0 --tasks vqa,nlvr2,seg
+                    [--min-objects 3 --max-objects 6 --size-scale 1.0]
     trim data vqa2  --out DIR --split train --questions Q.json --annotations A.json --images COCO/train2014
     trim data nlvr2 --out DIR --split dev --annotations dev.json --images nlvr2/dev
     trim data sa1b  --out DIR --split train --images SA1B/  |  --coco-instances instances_val2017.json
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="vqa,nlvr2,seg", help="comma-separated subset of vqa,nlvr2,seg")
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="vqa/nlvr2 images (seg is always png)")
     p.add_argument("--questions-per-image", type=int, default=3)
+    p.add_argument("--min-objects", type=int, default=3, help="fewest objects in a scene (default 3)")
+    p.add_argument("--max-objects", type=int, default=6, help="most objects in a scene (default 6)")
+    p.add_argument("--size-scale", type=float, default=1.0, help="multiplies the object radii (default 1.0)")
 
     p = sub.add_parser("vqa2", help="VQA v2 questions/annotations JSON + COCO images -> shards")
     common(p)
@@ -95,12 +99,18 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "synth":
             from trim.data.make_synthetic import write_synthetic
+            from trim.data.synthetic import World
 
+            try:
+                world = World(args.min_objects, args.max_objects, args.size_scale)
+            except ValueError as exn:
+                print(f"trim data synth: --min-objects/--max-objects/--size-scale: {exn}", file=sys.stderr)
+                return 2
             written = write_synthetic(
                 args.out, {"train": args.train, "val": args.val, "test": args.test},
                 tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], image_size=args.image_size,
                 seed=args.seed, image_format=args.image_format, shard_size=args.shard_size,
-                questions_per_image=args.questions_per_image, progress=progress,
+                questions_per_image=args.questions_per_image, world=world, progress=progress,
             )  # fmt: skip
             for task, counts in written.items():
                 print(f"{task}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))

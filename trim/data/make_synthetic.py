@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import asdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from trim.data.synthetic import (
     STREAM_NLVR2,
     STREAM_SCENE,
     STREAM_VQA,
+    World,
     encode_image,
     image_id_for,
     make_scene,
@@ -41,16 +43,16 @@ from trim.data.tokenizer import build_tokenizer, save_tokenizer
 PAIRS_PER_SET, SENTENCES_PER_SET = 4, 2
 
 
-def _scene(seed: int, split: str, index: int, image_size: int):
-    return make_scene(rng_for(seed, STREAM_SCENE, split, index), image_size)
+def _scene(seed: int, split: str, index: int, image_size: int, world: World):
+    return make_scene(rng_for(seed, STREAM_SCENE, split, index), image_size, world=world)
 
 
 def vqa_samples(seed: int, split: str, n: int, image_size: int, *, image_format: str = "jpg",
-                questions_per_image: int = 3) -> Iterator[dict]:  # fmt: skip
+                questions_per_image: int = 3, world: World = World()) -> Iterator[dict]:  # fmt: skip
     """The first ``n`` VQA samples of a split, in order."""
     written = 0
     for index in itertools.count():
-        scene = _scene(seed, split, index, image_size)
+        scene = _scene(seed, split, index, image_size, world)
         image, _ = render_scene(scene)
         image_bytes = encode_image(image, image_format)
         image_id = image_id_for(split, index)
@@ -77,22 +79,23 @@ def vqa_samples(seed: int, split: str, n: int, image_size: int, *, image_format:
             return
 
 
-def seg_samples(seed: int, split: str, n: int, image_size: int) -> Iterator[dict]:
+def seg_samples(seed: int, split: str, n: int, image_size: int, *, world: World = World()) -> Iterator[dict]:
     """The first ``n`` segmentation samples of a split (scene ``i`` = VQA ``image_id`` i)."""
     for index in range(n):
-        scene = _scene(seed, split, index, image_size)
+        scene = _scene(seed, split, index, image_size, world)
         image, masks = render_scene(scene)
         image_id = image_id_for(split, index)
         record = segmentation_record(scene, masks, image_id, f"{image_id}.png")
         yield {"__key__": str(image_id), "png": encode_image(image, "png"), "json": json.dumps(record)}
 
 
-def nlvr2_samples(seed: int, split: str, n: int, image_size: int, *, image_format: str = "jpg") -> Iterator[dict]:
+def nlvr2_samples(seed: int, split: str, n: int, image_size: int, *, image_format: str = "jpg",
+                  world: World = World()) -> Iterator[dict]:  # fmt: skip
     """The first ``n`` NLVR2 examples of a split, identifiers ``<split>-<set>-<pair>-<sentence>``."""
     written = 0
     for set_id in itertools.count():
         rng = rng_for(seed, STREAM_NLVR2, split, set_id)
-        group = make_statement_set(rng, image_size, pairs=PAIRS_PER_SET, sentences=SENTENCES_PER_SET)
+        group = make_statement_set(rng, image_size, pairs=PAIRS_PER_SET, sentences=SENTENCES_PER_SET, world=world)
         images = [tuple(encode_image(render_scene(s)[0], image_format) for s in pair) for pair in group.pairs]
         for k, statement in enumerate(group.statements):
             for p in range(len(group.pairs)):
@@ -126,6 +129,7 @@ def write_synthetic(
     image_format: str = "jpg",
     shard_size: int = 1000,
     questions_per_image: int = 3,
+    world: World = World(),
     progress: bool = True,
 ) -> dict[str, dict[str, int]]:
     """Write ``splits`` (split -> number of samples) for each task; returns the counts written."""
@@ -137,7 +141,7 @@ def write_synthetic(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(build_tokenizer(text_vocabulary()), out)
-    source = {"kind": "synthetic", "seed": seed, "image_size": image_size}
+    source = {"kind": "synthetic", "seed": seed, "image_size": image_size, "world": asdict(world)}
     answers = None
     if "vqa" in tasks:
         answers = f"vqa/{ANSWERS_FILE}"
@@ -150,11 +154,11 @@ def write_synthetic(
                 continue
             if task == "vqa":
                 samples = vqa_samples(seed, split, n, image_size, image_format=image_format,
-                                      questions_per_image=questions_per_image)  # fmt: skip
+                                      questions_per_image=questions_per_image, world=world)  # fmt: skip
             elif task == "nlvr2":
-                samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format)
+                samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format, world=world)
             else:
-                samples = seg_samples(seed, split, n, image_size)
+                samples = seg_samples(seed, split, n, image_size, world=world)
             fmt = "png" if task == "seg" else image_format
             sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": fmt},
                              answers=answers if task == "vqa" else None)  # fmt: skip

@@ -1,6 +1,6 @@
 """The embedded synthetic "shapes" world: data that works with no download.
 
-A scene is 3-6 flat-coloured objects (6 shapes x 8 colours x 2 sizes) at random,
+A scene is 3-6 (``World``) flat-coloured objects (6 shapes x 8 colours x 2 sizes) at random,
 non-overlapping positions on a lightly textured grey background. Objects never touch,
 so every object is fully visible and its instance mask is exactly the pixels painted in
 its colour; a question about "the small triangle" therefore depends on the patches that
@@ -34,7 +34,29 @@ COLORS: dict[str, tuple[int, int, int]] = {
 # Object radius as a fraction of the image side: sizes stay distinct at any resolution.
 SIZES: dict[str, float] = {"small": 0.085, "large": 0.15}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-MIN_OBJECTS, MAX_OBJECTS = 3, 6
+
+
+@dataclass(frozen=True)
+class World:
+    """The knobs of the world: how crowded scenes are and how large objects are.
+
+    ``size_scale`` multiplies both object radii; with 8-px patches at 64 px the default
+    small objects span about 2x2 patches, ``size_scale=1.5`` about 3x3.
+    """
+
+    min_objects: int = 3
+    max_objects: int = 6
+    size_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"min_objects={self.min_objects}, max_objects={self.max_objects}: "
+                             "need 1 <= min_objects <= max_objects")
+        if not 0.25 <= self.size_scale <= 2.5:
+            raise ValueError(f"size_scale={self.size_scale} is outside 0.25..2.5 (objects would vanish or not fit)")
+
+    def radius(self, size: str, image_size: int) -> float:
+        return SIZES[size] * self.size_scale * image_size
 
 # Independent random streams, so adding questions never changes the scenes.
 STREAM_SCENE, STREAM_VQA, STREAM_NLVR2 = 1, 2, 3
@@ -80,18 +102,19 @@ class Scene:
 Spec = tuple[str | None, str | None, str | None]
 
 
-def make_scene(rng: np.random.Generator, image_size: int, forced: list[Spec] | tuple[Spec, ...] = ()) -> Scene:
+def make_scene(rng: np.random.Generator, image_size: int, forced: list[Spec] | tuple[Spec, ...] = (),
+               world: World = World()) -> Scene:  # fmt: skip
     """Random scene with ``forced`` objects placed first (used to plant NLVR2 statements)."""
     gap = max(1.0, image_size / 48)  # keep objects apart so masks never touch
     for _ in range(50):
-        n = max(int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)), len(forced))
+        n = max(int(rng.integers(world.min_objects, world.max_objects + 1)), len(forced))
         specs = list(forced) + [(None, None, None)] * (n - len(forced))
         placed: list[Obj] = []
         for i, (shape, color, size) in enumerate(specs):
             shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
             color = color or list(COLORS)[int(rng.integers(len(COLORS)))]
             size = size or ("small", "large")[int(rng.integers(2))]
-            r = SIZES[size] * image_size
+            r = world.radius(size, image_size)
             for _ in range(100):
                 x, y = rng.uniform(r + gap, image_size - r - gap, size=2)
                 if all(math.hypot(x - o.x, y - o.y) > r + o.r + gap for o in placed):
@@ -101,9 +124,10 @@ def make_scene(rng: np.random.Generator, image_size: int, forced: list[Spec] | t
                 if i < len(forced):
                     break  # a forced object did not fit: start the scene again
         else:
-            if len(placed) >= MIN_OBJECTS:
+            if len(placed) >= world.min_objects:
                 return Scene(image_size, tuple(placed), int(rng.integers(2**31)))
-    raise RuntimeError(f"could not place {len(forced)} forced objects in a {image_size}px image; use a larger size")
+    raise RuntimeError(f"could not place {len(forced)} forced objects in a {image_size}px image with {world}; "
+                       "use a larger image, fewer objects or a smaller size_scale")
 
 
 def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trim.data.synthetic import COLORS, SHAPES, SIZES, Obj, Scene, Spec, make_scene
+from trim.data.synthetic import COLORS, SHAPES, SIZES, Obj, Scene, Spec, World, make_scene
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MAX_COUNT = 8  # a scene has at most 6 random objects plus a few planted ones
@@ -248,13 +248,14 @@ def random_statement(rng: np.random.Generator, near: list[Scene] | None = None) 
     return Statement(_choice(rng, STATEMENT_KINDS), _choice(rng, ["left", "right"]), int(rng.integers(1, 4)), color, shape)
 
 
-def make_pair(rng: np.random.Generator, statement: Statement, target: bool, image_size: int) -> tuple[Scene, Scene]:
+def make_pair(rng: np.random.Generator, statement: Statement, target: bool, image_size: int,
+              world: World = World()) -> tuple[Scene, Scene]:  # fmt: skip
     """Two scenes for which ``statement`` has truth value ``target`` (rejection sampling)."""
     plant_left, plant_right = statement.plant(target)
     for attempt in range(200):
         planted = attempt % 4 != 3  # now and then an unplanted pair, so planting is no tell
-        left = make_scene(rng, image_size, plant_left if planted else ())
-        right = make_scene(rng, image_size, plant_right if planted else ())
+        left = make_scene(rng, image_size, plant_left if planted else (), world)
+        right = make_scene(rng, image_size, plant_right if planted else (), world)
         if statement.holds(left, right) == target:
             return left, right
     raise RuntimeError(f"no pair found where {statement.text()!r} is {target}")
@@ -268,7 +269,7 @@ class StatementSet:
 
 
 def make_statement_set(
-    rng: np.random.Generator, image_size: int, *, pairs: int = 4, sentences: int = 2
+    rng: np.random.Generator, image_size: int, *, pairs: int = 4, sentences: int = 2, world: World = World()
 ) -> StatementSet:
     """One NLVR2 set: ``pairs`` image pairs, ``sentences`` statements each judged on every pair.
 
@@ -278,7 +279,7 @@ def make_statement_set(
     first = random_statement(rng)
     targets = [p < pairs // 2 for p in range(pairs)]
     targets = [targets[i] for i in rng.permutation(pairs)]
-    scene_pairs = [make_pair(rng, first, t, image_size) for t in targets]
+    scene_pairs = [make_pair(rng, first, t, image_size, world) for t in targets]
     statements, labels = [first], [targets]
     scenes = [s for pair in scene_pairs for s in pair]
     while len(statements) < sentences:

@@ -15,6 +15,7 @@ from trim.schema import build_dataclass
 
 FAMILIES = ("dual", "vilt")
 TASKS = ("vqa", "nlvr2", "itm")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class VisionConfig:
     patch_bias: bool = True  # ViT/ViLT have a bias on the patch projection, CLIP does not
     ln_pre: bool = False  # CLIP normalises the embeddings before the first block
     ln_post: bool = True  # a final LayerNorm over every token
+    # "patch": one patch_size x patch_size convolution (ViT / CLIP). "conv": a small
+    # convolutional stem (log2(patch_size) stride-2 3x3 convs) with the same token grid; it
+    # sees shapes inside a patch that a linear patch projection trained from scratch misses.
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -94,6 +99,17 @@ class ModelConfig:
     # ViLT: the sequence is one stack; vision.* gives its size and patches, text.* its embeddings
     max_images: int = 2
 
+    def _validate_stem(self) -> None:
+        stem, patch = self.vision.stem, self.vision.patch_size
+        if stem not in STEMS:
+            raise ConfigError(f"model.vision.stem={stem!r}; choose one of {STEMS}")
+        if stem == "conv" and (patch < 2 or patch & (patch - 1)):
+            raise ConfigError(f"model.vision.stem='conv' halves the image log2(patch_size) times, so "
+                              f"model.vision.patch_size={patch} must be a power of two (4, 8, 16, ...)")
+        if stem == "conv" and self.family != "dual":
+            raise ConfigError(f"model.vision.stem='conv' is built for the dual-stream family; "
+                              f"model.family={self.family!r} embeds patches itself: use stem 'patch'")
+
     def validate(self) -> "ModelConfig":
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family={self.family!r}; choose one of {FAMILIES}")
@@ -104,6 +120,7 @@ class ModelConfig:
         if self.vision.image_size % self.vision.patch_size:
             raise ConfigError(f"model.vision.image_size={self.vision.image_size} is not a multiple of "
                               f"model.vision.patch_size={self.vision.patch_size}")
+        self._validate_stem()
         depths = {"vision": self.vision.layers, "text": self.text.layers,
                   "cross": self.cross_layers if self.family == "dual" else 0}
         for stack, depth in depths.items():

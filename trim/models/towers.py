@@ -19,12 +19,36 @@ def make_trimmers(width: int, heads: int, token_layers: list[int], head_layers: 
     return tok, head
 
 
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 convs (16, 32, ... channels, each normalised + GELU), then a
+    1x1 conv to the width: the same token grid as a patch projection.
+
+    A linear patch projection trained from scratch on a small dataset learns colours but not
+    shapes (a probe of the tiny model's patch tokens told shapes apart no better than
+    chance); a few convolutions give each token a view of edges and corners first (Xiao et
+    al., "Early convolutions help transformers see better", 2021). GroupNorm with one group
+    (a LayerNorm over C, H, W) rather than BatchNorm: it has no running statistics, so a
+    sample's tokens never depend on its batch.
+    """
+    layers: list[nn.Module] = []
+    channels = cfg.channels
+    for i in range(cfg.patch_size.bit_length() - 1):
+        out = min(16 * 2**i, cfg.width)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, out), nn.GELU()]
+        channels = out
+    layers.append(nn.Conv2d(channels, cfg.width, 1, bias=cfg.patch_bias))
+    return nn.Sequential(*layers)
+
+
 class PatchEmbed(nn.Module):
     """Image -> [CLS] + patch tokens + position embeddings."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.proj = conv_stem(cfg)
+        else:
+            self.proj = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.width) * 0.02)
         nn.init.normal_(self.cls_token, std=0.02)
