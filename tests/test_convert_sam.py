@@ -210,3 +210,11 @@ def test_sam_family_predicts_masks():
         ModelConfig(family="sam", task="vqa").validate()
     with pytest.raises(ConfigError, match="global_attn_indexes\\[0\\]=7"):
         ModelConfig.from_dict({"family": "sam", "task": "seg", "sam": {"encoder": {"global_attn_indexes": [7]}}})
+
+
+def test_transformers_settings_segment_anything_fixes_are_checked(tmp_path):
+    cfg = hf_config()
+    cfg.mask_decoder_config.hidden_act = "gelu"
+    cfg.save_pretrained(tmp_path)  # the config is read (and refused) before any weights
+    with pytest.raises(ConfigError, match=r"mask_decoder_config\.hidden_act='gelu'.*'relu'"):
+        from_pretrained(str(tmp_path))

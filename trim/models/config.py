@@ -200,8 +200,8 @@ class ModelConfig:
                 raise ConfigError(f"model.sam.encoder.global_attn_indexes[{i}]={layer} but the encoder has "
                                   f"{enc.depth} blocks (0..{enc.depth - 1})")
         if enc.out_chans % 8:
-            raise ConfigError(f"model.sam.encoder.out_chans={enc.out_chans}: the mask decoder upscales to out_chans / 8 "
-                              "channels; give a multiple of 8")
+            raise ConfigError(f"model.sam.encoder.out_chans={enc.out_chans}: the mask decoder upscales to "
+                              "out_chans / 8 channels; give a multiple of 8")
         inner = enc.out_chans // dec.attention_downsample_rate
         if enc.out_chans % dec.heads or inner % dec.heads:
             raise ConfigError(f"model.sam.decoder.heads={dec.heads} must divide out_chans={enc.out_chans} and "

@@ -56,6 +56,7 @@ class SamImageEncoder(nn.Module):
         self.cfg = cfg
         grid = (cfg.grid, cfg.grid)
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, cfg.patch_size)
+        # A from-scratch start as trim's ViT towers (SAM zero-initialises it; converted weights replace it).
         self.pos_embed = nn.Parameter(torch.randn(1, *grid, cfg.width) * 0.02) if cfg.use_abs_pos else None
         global_blocks = set(cfg.global_attn_indexes)
         self.blocks = nn.ModuleList(

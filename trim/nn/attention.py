@@ -160,7 +160,8 @@ class Attention(nn.Module):
             self.v_proj = SliceableLinear(self.kv_dim, self.inner_dim, bias=qkv_bias)
         self.proj = SliceableLinear(self.inner_dim, dim, bias=out_bias)
         if rel_pos_size is not None and self.is_cross:
-            raise ValueError("rel_pos_size: a relative-position bias needs queries and keys on one grid (self-attention)")
+            raise ValueError("rel_pos_size: a relative-position bias needs queries and keys on one grid "
+                             "(self-attention)")
         self.rel_pos = None if rel_pos_size is None else DecomposedRelPos(tuple(rel_pos_size), self.head_dim)
 
     # -- projections -------------------------------------------------------------------

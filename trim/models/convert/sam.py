@@ -79,7 +79,8 @@ def convert_segment_anything(path: str | os.PathLike, *, encoder: dict[str, Any]
     state = _read_state_dict(path)
     source = f"segment-anything checkpoint {path}"
     if any(k.startswith("image_encoder.") for k in state):
-        encoder_state = {k.removeprefix("image_encoder."): v for k, v in state.items() if k.startswith("image_encoder.")}
+        encoder_state = {k.removeprefix("image_encoder."): v for k, v in state.items()
+                         if k.startswith("image_encoder.")}
         others = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
         stray = [k for k in others if not k.startswith(PROMPT_PARTS)]
         if stray:
@@ -89,14 +90,14 @@ def convert_segment_anything(path: str | os.PathLike, *, encoder: dict[str, Any]
     elif "patch_embed.proj.weight" in state:
         encoder_state, others, base_decoder = state, {}, OFFICIAL_DECODER
     else:
-        raise CheckpointError(f"{source} is not a SAM checkpoint: it has neither image_encoder.* keys (a Sam state dict, "
-                              f"as sam_model_registry loads) nor patch_embed.proj.weight (an ImageEncoderViT state "
-                              f"dict); its first keys are {sorted(state)[:5]}")
+        raise CheckpointError(f"{source} is not a SAM checkpoint: it has neither image_encoder.* keys (a Sam state "
+                              f"dict, as sam_model_registry loads) nor patch_embed.proj.weight (an ImageEncoderViT "
+                              f"state dict); its first keys are {sorted(state)[:5]}")
     enc = _official_encoder_config(encoder_state, source, encoder)
     dec = build_dataclass(SamDecoderConfig, {**dataclasses.asdict(base_decoder), **(decoder or {})}, "decoder")
     model = Sam(ModelConfig(family="sam", task="seg", sam=SamConfig(encoder=enc, decoder=dec)).validate())
-    weights = {f"image_encoder.{k}": v for k, v in
-               rename_state(encoder_state, OFFICIAL_ENCODER_KEYS, source=source, target="trim's SAM image encoder").items()}
+    renamed = rename_state(encoder_state, OFFICIAL_ENCODER_KEYS, source=source, target="trim's SAM image encoder")
+    weights = {f"image_encoder.{k}": v for k, v in renamed.items()}
     weights.update(others)
     fresh = set()
     if not others:
@@ -150,16 +151,18 @@ def _official_encoder_config(state: Mapping[str, Tensor], source: str,
         use_rel_pos="blocks.0.attn.rel_pos_h" in state)
     if pos is not None:
         values["image_size"] = pos.shape[1] * patch
-    unknown = [k for k in ("image_size",) if k not in values and k not in overrides]
+    elif "image_size" not in overrides:
+        raise ConfigError(f"{source}: the weights do not tell the encoder's image_size (no position embedding); "
+                          "pass encoder={'image_size': ...}")
     if values["use_rel_pos"]:
-        grid = overrides.get("image_size", values.get("image_size", 0)) // patch
+        grid = overrides.get("image_size", values.get("image_size")) // patch
         values.update(_windows_from_rel_pos(state, depth, grid, source))
     else:
-        unknown += [k for k in ("heads", "window_size", "global_attn_indexes") if k not in overrides]
-    if unknown:
-        raise ConfigError(f"{source}: the weights do not tell the encoder's {', '.join(unknown)} (no "
-                          f"{'position embedding' if pos is None else 'relative-position tables'}); pass "
-                          f"encoder={{{', '.join(repr(k) + ': ...' for k in unknown)}}}")
+        unknown = [k for k in ("heads", "window_size", "global_attn_indexes") if k not in overrides]
+        if unknown:
+            wanted = ", ".join(f"{k!r}: ..." for k in unknown)
+            raise ConfigError(f"{source}: the weights do not tell the encoder's {', '.join(unknown)} (no "
+                              f"relative-position tables); pass encoder={{{wanted}}}")
     return build_dataclass(SamEncoderConfig, {**values, **overrides}, "encoder")
 
 
@@ -174,7 +177,8 @@ def _windows_from_rel_pos(state: Mapping[str, Tensor], depth: int, grid: int, so
                               f"SAM encoder has one window size and global blocks over the {grid}x{grid} grid")
     if not windows:  # every block attends over the whole grid
         return dict(heads=heads, window_size=0, global_attn_indexes=[])
-    return dict(heads=heads, window_size=windows.pop(), global_attn_indexes=[i for i, s in enumerate(sizes) if s == grid])
+    global_blocks = [i for i, s in enumerate(sizes) if s == grid]
+    return dict(heads=heads, window_size=windows.pop(), global_attn_indexes=global_blocks)
 
 
 def _official_decoder_config(state: Mapping[str, Tensor], source: str) -> SamDecoderConfig:
@@ -217,7 +221,8 @@ def transformers_keys(cfg: SamConfig) -> list[RenameRule]:
         (r"vision_encoder\.layers\.(\d+)\.mlp\.lin([12])\.(weight|bias)", r"image_encoder.blocks.\1.mlp.fc\2.\3"),
         (r"vision_encoder\.neck\.conv([12])\.weight", r"image_encoder.neck.conv\1.weight"),
         (r"vision_encoder\.neck\.layer_norm([12])\.(weight|bias)", r"image_encoder.neck.norm\1.\2"),
-        (r"shared_image_embedding\.positional_embedding", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+        (r"shared_image_embedding\.positional_embedding",
+         "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
         (r"prompt_encoder\.point_embed\.(\d+)\.weight", r"prompt_encoder.point_embeddings.\1.weight"),
         (r"prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight", r"prompt_encoder.\1.weight"),
         (r"prompt_encoder\.mask_embed\.conv1\.(weight|bias)", r"prompt_encoder.mask_downscaling.0.\1"),
@@ -226,11 +231,14 @@ def transformers_keys(cfg: SamConfig) -> list[RenameRule]:
         (r"prompt_encoder\.mask_embed\.layer_norm2\.(weight|bias)", r"prompt_encoder.mask_downscaling.4.\1"),
         (r"prompt_encoder\.mask_embed\.conv3\.(weight|bias)", r"prompt_encoder.mask_downscaling.6.\1"),
         (rf"{dec}\.(iou_token|mask_tokens)\.weight", rf"{dec}.\1.weight"),
-        (rf"{dec}\.transformer\.layers\.(\d+)\.layer_norm([1-4])\.(weight|bias)", rf"{dec}.transformer.layers.\1.norm\2.\3"),
+        (rf"{dec}\.transformer\.layers\.(\d+)\.layer_norm([1-4])\.(weight|bias)",
+         rf"{dec}.transformer.layers.\1.norm\2.\3"),
         (rf"{dec}\.transformer\.layers\.(\d+)\.((?:self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
          r"\.(?:q|k|v|out)_proj\.(?:weight|bias))", rf"{dec}.transformer.layers.\1.\2"),
-        (rf"{dec}\.transformer\.layers\.(\d+)\.mlp\.(lin[12]\.(?:weight|bias))", rf"{dec}.transformer.layers.\1.mlp.\2"),
-        (rf"{dec}\.transformer\.(final_attn_token_to_image\.(?:q|k|v|out)_proj\.(?:weight|bias))", rf"{dec}.transformer.\1"),
+        (rf"{dec}\.transformer\.layers\.(\d+)\.mlp\.(lin[12]\.(?:weight|bias))",
+         rf"{dec}.transformer.layers.\1.mlp.\2"),
+        (rf"{dec}\.transformer\.(final_attn_token_to_image\.(?:q|k|v|out)_proj\.(?:weight|bias))",
+         rf"{dec}.transformer.\1"),
         (rf"{dec}\.transformer\.layer_norm_final_attn\.(weight|bias)", rf"{dec}.transformer.norm_final_attn.\1"),
         (rf"{dec}\.upscale_conv1\.(weight|bias)", rf"{dec}.output_upscaling.0.\1"),
         (rf"{dec}\.upscale_layer_norm\.(weight|bias)", rf"{dec}.output_upscaling.1.\1"),
