@@ -207,6 +207,9 @@ class Attention(nn.Module):
     ) -> Tensor:
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs `context` (the other stream's tokens)")
+        if positions is not None and self.rel_pos is None:
+            raise ValueError("positions= places tokens for a relative-position bias, and this attention has none "
+                             "(build it with rel_pos_size=)")
         if packing is not None:
             if self.rel_pos is not None:
                 raise ValueError("packed attention has no relative-position bias: run this layer in the padded layout")
