@@ -108,7 +108,7 @@ def test_wrong_types_are_named(override, match):
     ("objective.distill.kind=kl", r"objective\.distill\.kind=kl: VQA heads are multi-label"),
     ("objective.gumbel.tau_end=0", r"objective\.gumbel\.tau_start=1\.0 and tau_end=0\.0 must be > 0"),
     ("train.deepspeed=launch/deepspeed/nope.json", r"train\.deepspeed='launch/deepspeed/nope\.json' does not exist"),
-    ("model.family=clip", r"model\.family='clip'; choose one of \('dual', 'vilt'\)"),
+    ("model.family=clip", r"model\.family='clip'; choose one of \('dual', 'vilt', 'sam'\)"),
     ("model.init_from=/nonexistent/run", r"model\.init_from='/nonexistent/run' does not exist"),
     ("train.lr_mult={head.: 0}", r"train\.lr_mult\.head\.=0\.0 must be > 0"),
 ])

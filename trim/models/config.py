@@ -13,8 +13,8 @@ from typing import Any
 from trim.errors import ConfigError
 from trim.schema import build_dataclass
 
-FAMILIES = ("dual", "vilt")
-TASKS = ("vqa", "nlvr2", "itm")
+FAMILIES = ("dual", "vilt", "sam")
+TASKS = ("vqa", "nlvr2", "itm", "seg")
 STEMS = ("patch", "conv")
 
 
@@ -67,6 +67,57 @@ class TextConfig:
 
 
 @dataclass
+class SamEncoderConfig:
+    """SAM's image encoder (ViTDet-style): a pre-norm ViT over the patch grid with windowed
+    attention, global attention in the blocks ``global_attn_indexes``, and a conv neck to
+    ``out_chans`` channels (the image embedding, which the mask decoder reads at that width)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    channels: int = 3
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    window_size: int = 3  # 0: every block attends globally
+    global_attn_indexes: list[int] = field(default_factory=lambda: [1, 3])
+    out_chans: int = 32
+    use_rel_pos: bool = True  # decomposed relative-position bias in every block
+    use_abs_pos: bool = True
+    qkv_bias: bool = True
+    act: str = "gelu"
+    eps: float = 1e-6
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class SamDecoderConfig:
+    """SAM's prompt encoder and mask decoder (segment-anything's own classes, used as they are).
+    Their width, the prompt embedding dimension, is the encoder's ``out_chans``."""
+
+    mask_in_chans: int = 16
+    depth: int = 2  # two-way transformer blocks
+    heads: int = 4
+    mlp_dim: int = 64
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 32
+    # The two-way blocks' LayerNorm eps: segment-anything's default 1e-5; transformers' SamModel
+    # uses its mask_decoder_config.layer_norm_eps (1e-6) there, so a converted model keeps that.
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class SamConfig:
+    encoder: SamEncoderConfig = field(default_factory=SamEncoderConfig)
+    decoder: SamDecoderConfig = field(default_factory=SamDecoderConfig)
+
+
+@dataclass
 class TrimConfig:
     """Where trimmers sit. Layer indices are 0-based within each stack."""
 
@@ -98,6 +149,8 @@ class ModelConfig:
     trim: TrimConfig = field(default_factory=TrimConfig)
     # ViLT: the sequence is one stack; vision.* gives its size and patches, text.* its embeddings
     max_images: int = 2
+    # family "sam" (task "seg"): image encoder, prompt encoder and mask decoder; vision/text unused
+    sam: SamConfig = field(default_factory=SamConfig)
 
     def _validate_stem(self) -> None:
         stem, patch = self.vision.stem, self.vision.patch_size
@@ -115,6 +168,11 @@ class ModelConfig:
             raise ConfigError(f"model.family={self.family!r}; choose one of {FAMILIES}")
         if self.task not in TASKS:
             raise ConfigError(f"model.task={self.task!r}; choose one of {TASKS}")
+        if (self.family == "sam") != (self.task == "seg"):
+            raise ConfigError(f"model.family={self.family!r} with model.task={self.task!r}: the sam family predicts "
+                              "masks (task 'seg'), and only it does")
+        if self.family == "sam":
+            self._validate_sam()
         if self.num_labels < 1:
             raise ConfigError(f"model.num_labels={self.num_labels} must be >= 1")
         if self.vision.image_size % self.vision.patch_size:
@@ -143,6 +201,34 @@ class ModelConfig:
             raise ConfigError(f"model.bridge_layers has {len(self.bridge_layers)} entries; give one uni-modal "
                               f"layer per cross layer ({self.cross_layers}) or none")
         return self
+
+    def _validate_sam(self) -> None:
+        enc, dec = self.sam.encoder, self.sam.decoder
+        if enc.image_size % enc.patch_size:
+            raise ConfigError(f"model.sam.encoder.image_size={enc.image_size} is not a multiple of "
+                              f"model.sam.encoder.patch_size={enc.patch_size}")
+        if enc.width % enc.heads:
+            raise ConfigError(f"model.sam.encoder.width={enc.width} is not divisible by heads={enc.heads}")
+        if enc.window_size < 0:
+            raise ConfigError(f"model.sam.encoder.window_size={enc.window_size}; give a window size, or 0 for "
+                              "global attention in every block")
+        for i, layer in enumerate(enc.global_attn_indexes):
+            if not 0 <= layer < enc.depth:
+                raise ConfigError(f"model.sam.encoder.global_attn_indexes[{i}]={layer} but the encoder has "
+                                  f"{enc.depth} blocks (0..{enc.depth - 1})")
+        if enc.out_chans % 8:
+            raise ConfigError(f"model.sam.encoder.out_chans={enc.out_chans}: the mask decoder upscales to "
+                              "out_chans / 8 channels; give a multiple of 8")
+        inner = enc.out_chans // dec.attention_downsample_rate
+        if enc.out_chans % dec.heads or inner % dec.heads:
+            raise ConfigError(f"model.sam.decoder.heads={dec.heads} must divide out_chans={enc.out_chans} and "
+                              f"out_chans / attention_downsample_rate={inner}")
+        if dec.mask_in_chans % 4:
+            raise ConfigError(f"model.sam.decoder.mask_in_chans={dec.mask_in_chans} must be a multiple of 4")
+        trimmed = [k for k, v in dataclasses.asdict(self.trim).items() if k.endswith("_layers") and v]
+        if trimmed:
+            raise ConfigError(f"model.trim.{trimmed[0]}={getattr(self.trim, trimmed[0])}: the sam family has no "
+                              "trimmers yet; leave model.trim's layer lists empty")
 
     def _validate_vilt(self) -> None:
         if self.trim.text_token_layers or self.trim.text_head_layers:

@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,17 +31,24 @@ from trim.models.config import ModelConfig
 from trim.prune import trimmer_modules
 from trim.prune.calibrate import Calibration, CalibrationError
 
+if TYPE_CHECKING:  # the sam family imports segment-anything: only when one is built
+    from trim.models.sam import Sam
+
 CONFIG_NAME, WEIGHTS_NAME, LATEST_NAME = "config.json", "model.safetensors", "latest"
 # config.json's section with the fitted budget -> logit shift table (trim.prune.calibrate). Not part
 # of the model config: a recipe cannot set it and init_from does not inherit a stale one.
 CALIBRATION_KEY = "calibration"
 
 
-def create_model(cfg: ModelConfig | dict) -> TrimModel:
+def create_model(cfg: ModelConfig | dict) -> TrimModel | Sam:
     """Build a randomly initialised model from its config."""
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
     cfg.validate()
+    if cfg.family == "sam":
+        from trim.models.sam import Sam
+
+        return Sam(cfg)
     if cfg.family == "dual":
         from trim.models.dual import DualStreamModel
 
@@ -51,7 +58,7 @@ def create_model(cfg: ModelConfig | dict) -> TrimModel:
     return ViltModel(cfg)
 
 
-def save_model(model: TrimModel, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_model(model: TrimModel | Sam, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` atomically. ``extra`` joins the config file."""
     final = Path(directory)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
@@ -197,7 +204,7 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, source: str,
     return sorted(k for k in own if k not in state)
 
 
-def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> TrimModel:
+def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> TrimModel | Sam:
     """Rebuild a model from a trim model directory (or a run folder: its ``latest``), with no other input."""
     directory = resolve_checkpoint(directory)
     model = create_model(read_model_config(directory))

@@ -17,6 +17,11 @@ Everything a pruning method needs is an argument of `Attention.forward`:
   with ``heads`` like the heads themselves.
 * ``query_index`` (B, Nq'): compute outputs only for these query tokens (big.LITTLE P-block,
   semi-cross attention: a subset of tokens attends to all tokens).
+* ``positions`` (B or 1, N, 2): the (row, col) of each token on the grid of a decomposed
+  relative-position bias (`DecomposedRelPos`, SAM's ``use_rel_pos``; built with
+  ``rel_pos_size``). The bias depends on the projected queries, so it is computed here; with
+  explicit positions it is right for any subset of the grid's tokens (kept tokens of a window,
+  big.LITTLE's selected queries). Default: the tokens are the whole grid in row-major order.
 * ``packing`` (and ``context_packing`` for cross-attention): ``x`` (and ``context``) hold the
   tokens of all samples packed as (1, T, D), a `trim.nn.tokens.Packing` says which rows are
   whose. Projections run once over the packed rows; attention runs per sample over its own
@@ -53,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trim.nn.windows import grid_positions
+
 if TYPE_CHECKING:
     from trim.nn.tokens import Packing
 
@@ -82,8 +89,45 @@ class SliceableLinear(nn.Linear):
         return F.linear(x, w, b)
 
 
+class DecomposedRelPos(nn.Module):
+    """Decomposed relative-position bias (MViTv2; the SAM / ViTDet image encoders' ``use_rel_pos``).
+
+    One table per axis of a ``size`` = (rows, cols) grid. For a query at (r_i, c_i) and a key at
+    (r_j, c_j), per head, with the unscaled query q_i::
+
+        bias_ij = q_i . height[r_i - r_j + rows - 1] + q_i . width[c_i - c_j + cols - 1]
+
+    added to the scaled scores. Each query is scored against every table entry once (a
+    (Nq, 2 * size - 1) matmul per axis) and the entries gathered by offset, so positions can be
+    any tokens of the grid: the bias of a subset is the subset of the full grid's bias.
+    """
+
+    def __init__(self, size: tuple[int, int], head_dim: int) -> None:
+        super().__init__()
+        self.size = size
+        # Zero-initialised (no bias until trained), as SAM initialises them.
+        self.height = nn.Parameter(torch.zeros(2 * size[0] - 1, head_dim))
+        self.width = nn.Parameter(torch.zeros(2 * size[1] - 1, head_dim))
+
+    def forward(self, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """Bias (B, H, Nq, Nk) for queries ``q`` (B, H, Nq, d) at ``q_pos`` and keys at ``k_pos``
+        ((B or 1, N, 2) long (row, col))."""
+        b, h, nq = q.shape[:3]
+        bias = None
+        for axis, table in enumerate((self.height, self.width)):
+            scores = torch.matmul(q, table.to(q.dtype).t())  # q_i . table[o] for every offset o
+            offset = q_pos[..., :, None, axis] - k_pos[..., None, :, axis] + self.size[axis] - 1
+            term = scores.gather(-1, offset[:, None].expand(b, h, nq, -1))
+            bias = term if bias is None else bias + term
+        return bias
+
+
 class Attention(nn.Module):
-    """Self- or cross-attention with fused or split q/k/v projections."""
+    """Self- or cross-attention with fused or split q/k/v projections.
+
+    ``rel_pos_size`` (rows, cols): add a decomposed relative-position bias over a grid of that
+    size (self-attention only; see `DecomposedRelPos` and ``positions`` in ``forward``).
+    """
 
     def __init__(
         self,
@@ -95,6 +139,7 @@ class Attention(nn.Module):
         fused_qkv: bool = True,
         qkv_bias: bool = True,
         out_bias: bool = True,
+        rel_pos_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
@@ -114,6 +159,10 @@ class Attention(nn.Module):
             self.k_proj = SliceableLinear(self.kv_dim, self.inner_dim, bias=qkv_bias)
             self.v_proj = SliceableLinear(self.kv_dim, self.inner_dim, bias=qkv_bias)
         self.proj = SliceableLinear(self.inner_dim, dim, bias=out_bias)
+        if rel_pos_size is not None and self.is_cross:
+            raise ValueError("rel_pos_size: a relative-position bias needs queries and keys on one grid "
+                             "(self-attention)")
+        self.rel_pos = None if rel_pos_size is None else DecomposedRelPos(tuple(rel_pos_size), self.head_dim)
 
     # -- projections -------------------------------------------------------------------
     def _linear(self, name: str, x: Tensor, *, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
@@ -154,11 +203,17 @@ class Attention(nn.Module):
         packing: "Packing | None" = None,
         context_packing: "Packing | None" = None,
         head_keep: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs `context` (the other stream's tokens)")
+        if positions is not None and self.rel_pos is None:
+            raise ValueError("positions= places tokens for a relative-position bias, and this attention has none "
+                             "(build it with rel_pos_size=)")
         if packing is not None:
-            if any(a is not None for a in (key_keep, heads, attn_bias, query_index)):
+            if self.rel_pos is not None:
+                raise ValueError("packed attention has no relative-position bias: run this layer in the padded layout")
+            if any(a is not None for a in (key_keep, heads, attn_bias, query_index, positions)):
                 raise ValueError("packed attention takes only packing, context_packing, head_keep and head_mask: "
                                  "packed tokens are all alive, and heads are chosen per sample")
             if self.is_cross and context_packing is None:
@@ -181,6 +236,9 @@ class Attention(nn.Module):
             if query_index is not None and attn_bias.shape[2] != 1:
                 idx = query_index[:, None, :, None].expand(-1, attn_bias.shape[1], -1, attn_bias.shape[3])
                 attn_bias = attn_bias.expand(query_index.shape[0], -1, -1, -1).gather(2, idx)
+        if self.rel_pos is not None:
+            rel = self._rel_pos_bias(q, k.shape[2], positions, query_index)
+            attn_bias = rel if attn_bias is None else attn_bias + rel
 
         if key_keep is not None and key_keep.is_floating_point():
             out = self._soft_masked_attention(q, k, v, key_keep, attn_bias)
@@ -196,6 +254,18 @@ class Attention(nn.Module):
             out = out * hm[:, :, None, None].to(out.dtype)
         out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
         return self._linear("proj", out, cols=None if heads is None else head_rows(heads, self.head_dim))
+
+    def _rel_pos_bias(self, q: Tensor, num_keys: int, positions: Tensor | None, query_index: Tensor | None) -> Tensor:
+        if positions is None:
+            rows, cols = self.rel_pos.size
+            if num_keys != rows * cols:
+                raise ValueError(f"{num_keys} tokens but the relative-position grid is {rows}x{cols}; pass positions= "
+                                 "(the (row, col) of each token) for a subset of the grid")
+            positions = grid_positions(rows, cols, q.device)[None]
+        q_pos = positions
+        if query_index is not None:
+            q_pos = positions.expand(query_index.shape[0], -1, -1).gather(1, query_index[..., None].expand(-1, -1, 2))
+        return self.rel_pos(q, q_pos, positions)
 
     # -- packed layout -----------------------------------------------------------------------
     def slices_heads_per_sample(self, packing: "Packing") -> bool:

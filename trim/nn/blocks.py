@@ -6,6 +6,7 @@ so a token dropped in one layer stays dropped in every later layer. A float ``ke
 (0/1 with straight-through gradients, training) gates the update softly; a bool ``keep``
 (inference, usually the padding mask of gathered tokens) selects. Packed tokens
 (``packing`` given, see `trim.nn.tokens`) are all alive and take no ``keep``.
+`WindowBlock` (SAM's image-grid block) takes no ``keep`` yet: it runs every token.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from trim.nn.attention import Attention
 from trim.nn.mlp import Mlp
 from trim.nn.tokens import Packing
+from trim.nn.windows import window_partition, window_unpartition
 
 
 def gate(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
@@ -62,6 +64,52 @@ class PreNormBlock(nn.Module):
                           packing=packing, head_keep=head_keep)
         h = h + self.mlp(self.norm2(h))
         return gate(h, x, keep)
+
+
+class WindowBlock(nn.Module):
+    """Pre-norm block over a (B, H, W, C) token grid with windowed or global attention (ViTDet / SAM).
+
+    ``window_size > 0``: the normed grid is cut into window_size² windows (zero-padded to whole
+    windows, `trim.nn.windows`) and attention runs inside each window; 0: global attention over
+    the whole ``grid``. ``use_rel_pos`` adds the decomposed relative-position bias over the
+    attention's own grid (the window, or the whole grid for a global block).
+
+    Window-wise trimming and big.LITTLE routing slot in around the attention call: the kept (or
+    selected) tokens of each window are gathered from the partitioned windows with their
+    window positions (``Attention(positions=...)`` gathers the bias for them), and the rest
+    pass through unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        window_size: int = 0,
+        grid: tuple[int, int],
+        use_rel_pos: bool = False,
+        act: str = "gelu",
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        attn_grid = (window_size, window_size) if window_size else tuple(grid)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rel_pos_size=attn_grid if use_rel_pos else None)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, height, width, c = x.shape
+        h = self.norm1(x)
+        if self.window_size:
+            h = window_unpartition(self.attn(window_partition(h, self.window_size)), self.window_size, height, width)
+        else:
+            h = self.attn(h.reshape(b, height * width, c)).view_as(x)
+        x = x + h
+        return x + self.mlp(self.norm2(x))
 
 
 class PostNormBlock(nn.Module):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
-from trim.errors import ConfigError
+from torch import Tensor
+
+from trim.errors import CheckpointError, ConfigError
+
+# (regex over a source key, its trim name: a re.sub template or a function of the match)
+RenameRule = tuple[str, str | Callable[[re.Match], str]]
 
 # transformers' ``hidden_act`` names -> trim's activations (`trim.nn.mlp.ACTIVATIONS`). Each is the
 # same function: "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation, "gelu_python"
@@ -39,3 +45,23 @@ def square_size(value: int | Sequence[int], key: str) -> int:
         raise ConfigError(f"{key}={list(value)} is not square: trim's patch embedding takes square images and "
                           f"patches; give one value for height and width")
     return sides.pop()
+
+
+def rename_state(state: Mapping[str, Tensor], rules: Sequence[RenameRule], *, source: str,
+                 target: str) -> dict[str, Tensor]:
+    """``state`` under trim's names: each key takes the first rule whose pattern matches all of it.
+
+    A key no rule matches is a `CheckpointError` naming it, ``source`` and ``target``: either the
+    checkpoint is not the kind the converter reads, or its library renamed a parameter.
+    """
+    out = {}
+    for key, value in state.items():
+        for pattern, name in rules:
+            match = re.fullmatch(pattern, key)
+            if match:
+                out[match.expand(name) if isinstance(name, str) else name(match)] = value
+                break
+        else:
+            raise CheckpointError(f"{source}: parameter {key!r} has no place in {target}; is this the checkpoint "
+                                  "kind the converter expects (or did its library rename parameters)?")
+    return out
