@@ -185,7 +185,8 @@ def vqa_answer_space() -> list[str]:
 
 
 # What each statement kind counts: the attributes an object must match to be counted.
-_COUNTED_ATTRIBUTES = {"exactly": ("color", "shape"), "both": ("color", "shape"), "more": ("shape",), "none": ("color",)}
+_COUNTED_ATTRIBUTES = {"exactly": ("color", "shape"), "both": ("color", "shape"), "more": ("shape",),
+                       "none": ("color",)}
 
 
 @dataclass(frozen=True)
