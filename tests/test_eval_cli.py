@@ -126,6 +126,7 @@ def test_two_processes_match_one(vqa_single, vqa_ckpt, data, tmp_path):
     assert two["processes"] == 2 and two["complete"] and two["duplicates_dropped"] == 0
     assert two["reading"]["samples"] == N_VAL  # summed over ranks: nothing read twice
     assert two["metrics"] == one["metrics"]
+    assert one["relevance"] is not None and two["relevance"] == one["relevance"]  # per-sample counts, merged
     ids = [{r["question_id"]: r["answer"] for r in json.loads((d / "vqa_predictions_evalai.json").read_text())}
            for d in (vqa_single.parent, tmp_path / "eval")]
     assert ids[0] == ids[1] and len(ids[0]) == N_VAL
@@ -141,6 +142,8 @@ def test_nlvr2(data, tmp_path):
     assert m["n"] == N_VAL and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["consistency"] <= m["accuracy"] + 1e-9
     assert result["accuracy"] == pytest.approx(100 * m["accuracy"])
     assert any(stream.endswith("/image1") for stream in result["kept"])
+    (layer,) = result["relevance"]["layers"]  # both images of a pair in one row per trimmed layer
+    assert (layer["stream"], layer["layer"]) == ("vision", 1) and layer["relevant_patches"] > 0
     with open(out_dir / result["exports"]["predictions"], newline="") as f:
         rows = list(csv.reader(f))
     assert len(rows) == N_VAL and all(len(r) == 2 and r[1] in ("True", "False") for r in rows)

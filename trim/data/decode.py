@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from trim.data.answers import soft_labels
+from trim.data.relevance import RELEVANCE_FILE, patch_relevance, read_relevance_png
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = {
@@ -88,10 +89,16 @@ def _label(value) -> int:
 
 
 class Decoder:
-    """Sample dict (bytes) -> decoded dict for one task. Picklable, so workers get a copy."""
+    """Sample dict (bytes) -> decoded dict for one task. Picklable, so workers get a copy.
 
-    def __init__(self, task: str, image_size: int, answer_to_id: Mapping[str, int] | None = None):
+    ``relevance_grid``: decode the sample's relevance masks (trim.data.relevance), if it has
+    any, onto this patch grid (key ``relevance``); None leaves them unread (training).
+    """
+
+    def __init__(self, task: str, image_size: int, answer_to_id: Mapping[str, int] | None = None,
+                 relevance_grid: int | None = None):  # fmt: skip
         self.task, self.image_size, self.answer_to_id = task, image_size, answer_to_id
+        self.relevance_grid = relevance_grid
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         if "__duplicate__" in sample:
@@ -119,6 +126,7 @@ class Decoder:
             "answer_type": str(record.get("answer_type") or ""),
             "answers": raw,
             "labels": soft_labels(raw, self.answer_to_id or {}),
+            **self._relevance(sample, [""]),
         }
 
     def _nlvr2(self, sample):
@@ -130,7 +138,21 @@ class Decoder:
             "sentence": str(_field(record, "sentence")),
             "identifier": str(_field(record, "identifier")),
             "label": _label(record.get("label")),
+            **self._relevance(sample, ["left.", "right."]),
         }
+
+    def _relevance(self, sample: Mapping[str, Any], prefixes: list[str]) -> dict[str, torch.Tensor]:
+        """``{"relevance": bool (grid * grid,)}`` (one image; ``(images, grid * grid)`` for several, as
+        ``image`` / ``images``), or nothing when not asked for or not stored."""
+        names = [prefix + RELEVANCE_FILE for prefix in prefixes]
+        if self.relevance_grid is None or not all(name in sample for name in names):
+            return {}
+        try:
+            masks = [read_relevance_png(sample[name]) for name in names]
+        except (OSError, ValueError) as exn:
+            raise SkipSample("bad_image", f"relevance mask: {type(exn).__name__}: {exn}") from None
+        patches = torch.stack([patch_relevance(mask, self.relevance_grid) for mask in masks])
+        return {"relevance": patches if len(prefixes) > 1 else patches[0]}
 
     def _seg(self, sample):
         from pycocotools import mask as mask_utils
@@ -174,6 +196,15 @@ class Decoder:
 VQA_LIST_KEYS = ("question_id", "answers", "question_type", "answer_type", "question", "image_id")
 
 
+def _relevance(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The batch's ``relevance`` if any sample has one; a sample without gets no relevant patch."""
+    shapes = {s["relevance"].shape for s in samples if "relevance" in s}
+    if not shapes:
+        return {}
+    (shape,) = shapes  # one grid per loader
+    return {"relevance": torch.stack([s.get("relevance", torch.zeros(shape, dtype=torch.bool)) for s in samples])}
+
+
 class Collate:
     """Decoded samples -> batch dict; tokenises the text of the whole batch at once."""
 
@@ -208,6 +239,7 @@ class Collate:
                 **self._text([s["question"] for s in samples]),
                 "labels": labels,
                 **{k: [s[k] for s in samples] for k in VQA_LIST_KEYS},
+                **_relevance(samples),
             }
         if self.task == "nlvr2":
             return {
@@ -216,6 +248,7 @@ class Collate:
                 "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
                 "identifier": [s["identifier"] for s in samples],
                 "sentence": [s["sentence"] for s in samples],
+                **_relevance(samples),
             }
         return {
             "pixel_values": self._pixels([s["image"] for s in samples]),

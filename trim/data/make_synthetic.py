@@ -3,7 +3,9 @@
 Sample layout inside the shards (the same as the converters write):
 
 - vqa:   ``<question_id>.jpg`` + ``.json`` (VQA v2 question + annotation fields)
+  + ``.relevance.png`` (the pixels of the objects the answer depends on; trim.data.relevance)
 - nlvr2: ``<identifier>.left.jpg`` + ``.right.jpg`` + ``.json`` (identifier, sentence, label)
+  + ``.left.relevance.png`` + ``.right.relevance.png``
 - seg:   ``<image_id>.png`` + ``.json`` (SA-1B per-image annotation file); PNG because the
   masks must match the pixels exactly
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from trim.data.relevance import RELEVANCE_FILE, relevance_png
 from trim.data.shards import ANSWERS_FILE, SPLITS, TASKS, ShardSink
 from trim.data.synthetic import (
     STREAM_NLVR2,
@@ -53,7 +56,7 @@ def vqa_samples(seed: int, split: str, n: int, image_size: int, *, image_format:
     written = 0
     for index in itertools.count():
         scene = _scene(seed, split, index, image_size, world)
-        image, _ = render_scene(scene)
+        image, masks = render_scene(scene)
         image_bytes = encode_image(image, image_format)
         image_id = image_id_for(split, index)
         rng = rng_for(seed, STREAM_VQA, split, index)
@@ -73,7 +76,8 @@ def vqa_samples(seed: int, split: str, n: int, image_size: int, *, image_format:
                 # answer depends on (for analysing which patches a pruned model kept).
                 "relevant_objects": list(q.relevant),
             }
-            yield {"__key__": str(question_id), image_format: image_bytes, "json": json.dumps(record)}
+            yield {"__key__": str(question_id), image_format: image_bytes, "json": json.dumps(record),
+                   RELEVANCE_FILE: relevance_png(masks, q.relevant)}
             written += 1
         if written == n:
             return
@@ -96,25 +100,31 @@ def nlvr2_samples(seed: int, split: str, n: int, image_size: int, *, image_forma
     for set_id in itertools.count():
         rng = rng_for(seed, STREAM_NLVR2, split, set_id)
         group = make_statement_set(rng, image_size, pairs=PAIRS_PER_SET, sentences=SENTENCES_PER_SET, world=world)
-        images = [tuple(encode_image(render_scene(s)[0], image_format) for s in pair) for pair in group.pairs]
+        rendered = [[render_scene(s) for s in pair] for pair in group.pairs]  # (image, masks) per scene
+        images = [[encode_image(image, image_format) for image, _ in pair] for pair in rendered]
         for k, statement in enumerate(group.statements):
             for p in range(len(group.pairs)):
                 if written == n:
                     return
                 identifier = f"{split}-{set_id}-{p}-{k}"
                 stem = f"{split}-{set_id}-{p}"
+                relevant = statement.relevant(*group.pairs[p])
                 record = {
                     "identifier": identifier,
                     "sentence": statement.text(),
                     "label": bool(group.labels[k][p]),
                     "left_image": f"{stem}-img0.{image_format}",
                     "right_image": f"{stem}-img1.{image_format}",
+                    # Not in NLVR2: per image, the objects the statement counts (as relevant_objects in vqa).
+                    "relevant_objects": {"left": list(relevant[0]), "right": list(relevant[1])},
                 }
                 yield {
                     "__key__": identifier,
                     f"left.{image_format}": images[p][0],
                     f"right.{image_format}": images[p][1],
                     "json": json.dumps(record),
+                    **{f"{side}.{RELEVANCE_FILE}": relevance_png(masks, objects)
+                       for side, (_, masks), objects in zip(("left", "right"), rendered[p], relevant)},
                 }
                 written += 1
 

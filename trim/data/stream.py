@@ -371,6 +371,7 @@ def build_loader(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     rank: int | None = None,
     world_size: int | None = None,
+    relevance_grid: int | None = None,
 ) -> ShardLoader:
     """Batches of one task from webdataset shards; see docs/data.md for the batch keys.
 
@@ -380,6 +381,8 @@ def build_loader(
     ``tokenizer``: a ``PreTrainedTokenizerFast`` or a path for ``load_tokenizer``.
     ``rank``/``world_size`` override `trim.ranks.rank_and_world` (e.g. ``0``/``1`` for every
     rank to read the same stream and slice its batches itself).
+    ``relevance_grid``: put the relevance masks the synthetic world stores onto this patch grid
+    (batch key ``relevance``, trim.data.relevance); shards without masks give batches without it.
     """
     _check_arguments(task, mode, batch_size, image_size, num_workers, epoch_samples)
     shards = expand_urls(urls)
@@ -405,7 +408,7 @@ def build_loader(
         stages.append(shuffle)
         seeded.append(shuffle)
     collate = Collate(task, tokenizer, max_text_len=max_text_len, num_answers=len(vocab), mean=mean, std=std)
-    decoder = Decoder(task, image_size, {a: i for i, a in enumerate(vocab)})
+    decoder = Decoder(task, image_size, {a: i for i, a in enumerate(vocab)}, relevance_grid=relevance_grid)
     stages += [
         partial(_decode_samples, decoder=decoder, counters=counters),
         wds.batched(batch_size, collation_fn=_CollateWithCounts(collate, counters), partial=mode == "eval"),

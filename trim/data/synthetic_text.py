@@ -184,6 +184,11 @@ def vqa_answer_space() -> list[str]:
 # ---------------------------------------------------------------------------- NLVR2
 
 
+# What each statement kind counts: the attributes an object must match to be counted.
+_COUNTED_ATTRIBUTES = {"exactly": ("color", "shape"), "both": ("color", "shape"), "more": ("shape",),
+                       "none": ("color",)}
+
+
 @dataclass(frozen=True)
 class Statement:
     kind: str  # exactly | both | more | none
@@ -219,6 +224,17 @@ class Statement:
         if self.kind == "none":
             return this.count(color=self.color) == 0
         raise ValueError(f"unknown statement kind {self.kind!r}")
+
+    def relevant(self, left: Scene, right: Scene) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Indices of the objects of (left, right) whose presence decides the label: the ones
+        counted. A statement true by absence ("contains no green objects") has none."""
+        if self.kind not in _COUNTED_ATTRIBUTES:
+            raise ValueError(f"unknown statement kind {self.kind!r}")
+        counted = {a: getattr(self, a) for a in _COUNTED_ATTRIBUTES[self.kind]}
+        # "both" and "more" compare the two images; "exactly" and "none" read one side only.
+        sides = ("left", "right") if self.kind in ("both", "more") else (self.side,)
+        return tuple(tuple(i for i, o in enumerate(scene.objects) if name in sides and o.matches(**counted))
+                     for name, scene in (("left", left), ("right", right)))
 
     def plant(self, target: bool) -> tuple[list[Spec], list[Spec]]:
         """Objects to place in (left, right) that make ``target`` likely; checked afterwards."""

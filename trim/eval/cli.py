@@ -3,7 +3,7 @@
     trim eval CHECKPOINT --task vqa|nlvr2 --data SHARDS [--split val] [--batch-size 32] [--workers 0]
               [--out DIR] [--max-samples N] [--device cpu|cuda] [--warmup 2] [--repeats 5] [--figures 4]
               [--budget 0.6 0.5 0.4 0.33]   # a calibrated checkpoint, once per budget (trim calibrate)
-              [--vqa-metric lavis|vqa-tools]
+              [--vqa-metric lavis|vqa-tools] [--blind]
     torchrun --nproc_per_node 8 -m trim.cli eval CHECKPOINT --task vqa --data SHARDS   # several processes
     trim eval report EVAL_JSON... --out DIR [--speed throughput|latency]
     trim eval score --task vqa --results R.json --questions Q.json --annotations A.json [--vqa-metric ...]
@@ -50,6 +50,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                         "(`trim calibrate`); each writes eval/<task>_budget<B>.json. Default: the calibrated "
                         "target, or the trained decisions of an uncalibrated model")
     p.add_argument("--vqa-metric", choices=VQA_METRICS, default=DEFAULT_VQA_METRIC, help=VQA_METRIC_HELP)
+    p.add_argument("--blind", action="store_true",
+                   help="blind baseline: every image replaced by a constant (zeros after normalisation, the "
+                        "normalisation's mean colour); writes eval/<task>_blind.json, no speed measurement")
     return p
 
 
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, workers=args.workers, out=args.out,
                                    max_samples=args.max_samples, device=args.device, warmup=args.warmup,
                                    repeats=args.repeats, figures=args.figures, answers=args.answers,
-                                   speed=not args.no_speed, progress=not args.quiet, vqa_metric=args.vqa_metric)
+                                   speed=not args.no_speed, progress=not args.quiet, vqa_metric=args.vqa_metric,
+                                   blind=args.blind)
     except TrimError as exn:
         print(f"trim eval: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1

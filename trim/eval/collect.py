@@ -1,7 +1,8 @@
 """Per-sample results of the eval pass: collected on each rank, merged on rank 0.
 
 Each rank keeps compact arrays (ids, predictions, cost, kept tokens/heads per recorded layer,
-the task's extra columns) so they travel cheaply through ``all_gather_object``; rank 0 also
+relevance counts per token-trimmed image layer when the data carry relevance masks, the task's
+extra columns) so they travel cheaply through ``all_gather_object``; rank 0 also
 keeps what the kept-token overlays of the first few samples need. `merge` joins the ranks'
 parts, drops duplicate ids (first wins) and sorts by id, so 1 and N processes agree.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from trim.models.base import MODEL_INPUTS
 from trim.eval.errors import EvalError
+from trim.eval.relevance import COUNT_FIELDS, layer_counts, patch_alive
 from trim.models.streams import CROSS_IMAGE, IMAGE_STREAMS, TRIM_KEYS, VILT, split_record_name
 
 # The loader's normalisation ((x / 255 - mean) / std); the overlays undo it.
@@ -82,10 +84,19 @@ class Collector:
         self.extra: dict[str, list[Any]] = {key: [] for key in EXTRA_KEYS[task]}
         self.figures: list[KeptFigure] = []
         self.fixed_batch: dict[str, torch.Tensor] | None = None  # the batch the speed measurement times
+        # (image stream, layer) of each token-trimmed image layer, in forward order: relevance's columns
+        self.relevance_layers = [(stream, layer) for stream, layers in trimmed.items() for layer, _ in layers]
+        self.relevance: list[np.ndarray] = []
+        self.has_relevance = False
 
     @property
     def wants_alive(self) -> bool:
+        """Whether the overlays still need alive positions."""
         return len(self.figures) < self.n_figures and any(self.trimmed.values())
+
+    def track_alive(self, batch: dict[str, Any]) -> bool:
+        """Whether the model must record alive positions for ``batch`` (overlays, relevance recall)."""
+        return self.wants_alive or ("relevance" in batch and bool(self.relevance_layers))
 
     def add(self, batch: dict[str, Any], out: Any) -> None:
         if self.fixed_batch is None:
@@ -96,11 +107,21 @@ class Collector:
         for column, field_name in ((self.tokens, "tokens"), (self.heads, "heads")):
             column.append(np.stack([_numpy(getattr(out.records[s][i], field_name)) for s, i in layout], 1)
                           if layout else np.zeros((n, 0)))
+        self._add_relevance(batch, out.records, n)
         add_task = self._add_vqa if self.task == "vqa" else self._add_nlvr2
         predictions, texts = add_task(batch, out.logits.float())
         self.predictions += predictions
         if self.wants_alive:
             self._keep_figures(batch, out.records, texts, predictions)
+
+    def _add_relevance(self, batch: dict[str, Any], records: dict[str, list[Any]], n: int) -> None:
+        """This batch's relevance counts; zeros for a batch without masks (it adds nothing to the sums)."""
+        shape = (n, len(self.relevance_layers), len(COUNT_FIELDS))
+        if "relevance" in batch and self.relevance_layers:
+            self.has_relevance = True
+            self.relevance.append(layer_counts(records, batch["relevance"], self.relevance_layers, self.grid).numpy())
+        else:
+            self.relevance.append(np.zeros(shape))
 
     def _check_layout(self, records: dict[str, list[Any]]) -> list[tuple[str, int]]:
         layout = [(stream, i) for stream, recs in records.items() for i in range(len(recs))]
@@ -149,7 +170,7 @@ class Collector:
                 alive = recs[layer].alive
                 if alive is None or alive.shape[1] < g2:
                     continue
-                patch = alive[b, -g2:].reshape(self.grid, self.grid).cpu().numpy().astype(bool)
+                patch = patch_alive(alive, self.grid)[b].reshape(self.grid, self.grid).cpu().numpy().astype(bool)
                 masks.setdefault(image_index or 0, {})[key] = patch
         return masks
 
@@ -162,7 +183,9 @@ class Collector:
 
         return {"ids": self.ids, "predictions": self.predictions, "extra": self.extra, "layout": self.layout,
                 "cost": cat(self.cost, (0,)), "tokens": cat(self.tokens, (0, width)),
-                "heads": cat(self.heads, (0, width)), "stats": reading}
+                "heads": cat(self.heads, (0, width)), "stats": reading,
+                "relevance": cat(self.relevance, (0, len(self.relevance_layers), len(COUNT_FIELDS)))
+                if self.has_relevance else None, "relevance_layers": self.relevance_layers}
 
 
 def merge(parts: list[dict[str, Any]], task: str) -> dict[str, Any]:
@@ -194,10 +217,22 @@ def merge(parts: list[dict[str, Any]], task: str) -> dict[str, Any]:
         "layout": layout,
         "duplicates": duplicates,
         "stats": _merge_reading([p["stats"] for p in parts]),
+        "relevance": _merge_relevance(parts, where),
+        "relevance_layers": parts[0]["relevance_layers"] if parts else [],
     }
     for key in EXTRA_KEYS[task]:
         merged[key] = column(lambda p, i, key=key: p["extra"][key][i])
     return merged
+
+
+def _merge_relevance(parts: list[dict[str, Any]], where: list[tuple[int, int]]) -> np.ndarray | None:
+    """Per-sample relevance counts in merged order, or None when no rank saw a relevance mask."""
+    if all(p["relevance"] is None for p in parts):
+        return None
+    layers = len(parts[0]["relevance_layers"])
+    rows = [np.zeros((layers, len(COUNT_FIELDS))) if parts[r]["relevance"] is None else parts[r]["relevance"][i]
+            for r, i in where]
+    return np.array(rows, dtype=np.float64).reshape(len(where), layers, len(COUNT_FIELDS))
 
 
 def _merge_reading(stats: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,9 +22,20 @@ Speed (design invariant 5, "saved = measured")
     after warm-up, median of repeats; once at the eval batch size (throughput, samples/s)
     and once on its first sample (latency, ms per batch of 1).
 
+Relevance recall
+    When the shards carry relevance masks (the synthetic world), the loader puts them on the
+    model's patch grid and the pass records, per token-trimmed image layer, how many relevant
+    patches each sample kept (``relevance``: recall, kept fraction, lift).
+
+Blind (``blind=True``, ``--blind``)
+    Every image is replaced by a constant (``trim.eval.blind``) and the results go to
+    ``<stem>_blind.json``: the accuracy the text alone gives. No speed measurement, overlays or
+    relevance: the timing and the kept patches of a constant image mean nothing.
+
 This module only orchestrates (check, set up, pass, merge, score, time, write); each step
 lives in its own module: ``group`` (process group, gather), ``split`` (the data read),
-``collect`` (per-sample results, merge across ranks), ``scores`` (official metrics),
+``collect`` (per-sample results, merge across ranks), ``relevance`` (relevance recall), ``blind``
+(the constant image), ``scores`` (official metrics),
 ``stats`` (cost and kept tokens), ``speed`` (timing), ``plots`` (figures), ``output``
 (files), ``result`` (the JSON record, the printed summary).
 """
@@ -43,6 +54,7 @@ from typing import Any
 import torch
 
 from trim.errors import ConfigError
+from trim.eval.blind import blind_batch
 from trim.eval.collect import Collector, merge, trimmed_layers
 from trim.models.base import MODEL_INPUTS
 from trim.eval.errors import EvalError
@@ -84,6 +96,7 @@ class EvalOptions:
     progress: bool
     budget: float | None = None  # served through the checkpoint's calibration (None: its default)
     vqa_metric: str = DEFAULT_VQA_METRIC  # which official VQA tool the accuracy reproduces
+    blind: bool = False  # every image replaced by a constant (trim.eval.blind)
 
     def check(self) -> None:
         if self.task == "seg":
@@ -137,22 +150,24 @@ def evaluate(
     speed: bool = True,
     progress: bool = True,
     vqa_metric: str = DEFAULT_VQA_METRIC,
+    blind: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint on one split; returns the results dict on rank 0 (None elsewhere).
 
     Writes ``<out or checkpoint>/eval/<stem>.json`` (stem ``<task>`` for val, ``<task>_<split>``
-    otherwise), the predictions export, and the figures beside it. See docs/evaluation.md.
+    otherwise, ``_blind`` after it with ``blind``), the predictions export, and the figures beside it.
+    ``blind``: every image replaced by a constant (`trim.eval.blind`). See docs/evaluation.md.
     """
     results = evaluate_budgets(checkpoint, task, data, [None], split=split, batch_size=batch_size, workers=workers,
                                out=out, max_samples=max_samples, device=device, warmup=warmup, repeats=repeats,
                                figures=figures, answers=answers, speed=speed, progress=progress,
-                               vqa_metric=vqa_metric)
+                               vqa_metric=vqa_metric, blind=blind)
     return None if results is None else results[0]
 
 
 _DEFAULTS: dict[str, Any] = {"split": "val", "batch_size": 32, "workers": 0, "max_samples": None, "warmup": 2,
                              "repeats": 5, "figures": 4, "answers": None, "speed": True, "progress": True,
-                             "vqa_metric": DEFAULT_VQA_METRIC}
+                             "vqa_metric": DEFAULT_VQA_METRIC, "blind": False}
 
 
 def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.PathLike,
@@ -173,7 +188,7 @@ def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.Pa
     kw = {**_DEFAULTS, **options}
     base = EvalOptions(task, kw["split"], kw["batch_size"], kw["workers"], kw["max_samples"], kw["warmup"],
                        kw["repeats"], kw["figures"], kw["answers"], kw["speed"], kw["progress"],
-                       vqa_metric=kw["vqa_metric"])
+                       vqa_metric=kw["vqa_metric"], blind=bool(kw["blind"]))
     runs = [dataclasses.replace(base, budget=None if b is None else float(b)) for b in budgets]
     for opts in runs:
         opts.check()
@@ -222,7 +237,7 @@ def _setup(opts: EvalOptions, ckpt: Path, out_dir: Path, group: ProcessGroup, ro
 def _evaluate(run: _Run, last: bool = True) -> dict[str, Any] | None:
     cfg, group = run.model.config, run.group
     collector = Collector(run.opts.task, run.split.answers, trimmed_layers(run.model), cfg.vision.grid,
-                          run.opts.figures if group.rank == 0 else 0)
+                          run.opts.figures if group.rank == 0 and not run.opts.blind else 0)
     parts = group.gather_results(lambda: _run_pass(run, collector))
     if group.rank != 0:
         return None
@@ -232,7 +247,7 @@ def _evaluate(run: _Run, last: bool = True) -> dict[str, Any] | None:
     complete = _check_complete(run, merged)
     scores = score(run.opts.task, merged, vqa_metric=run.opts.vqa_metric)
     speed = None
-    if run.opts.speed and collector.fixed_batch is not None:
+    if run.opts.speed and not run.opts.blind and collector.fixed_batch is not None:
         run.log(f"timing full vs trimmed ({run.opts.warmup} warm-up, {run.opts.repeats} repeats) ...")
         speed = measure_speed(run.model, collector.fixed_batch, group.device, warmup=run.opts.warmup,
                               repeats=run.opts.repeats, budget=run.opts.budget)
@@ -260,8 +275,11 @@ def _run_pass(run: _Run, collector: Collector) -> dict[str, Any]:
             n = int(batch["pixel_values"].shape[0])
             if cap is not None and done + n > cap:
                 batch, n = slice_batch(batch, 0, cap - done), cap - done
+            if opts.blind:
+                batch = blind_batch(batch)
             inputs = {k: batch[k].to(group.device) for k in MODEL_INPUTS if k in batch}
-            collector.add(batch, run.model(inputs, trim="eval", track_alive=collector.wants_alive, budget=opts.budget))
+            collector.add(batch, run.model(inputs, trim="eval", track_alive=collector.track_alive(batch),
+                                           budget=opts.budget))
             done += n
             bar.update(n)
     return collector.payload(loader.stats.as_dict())
@@ -290,7 +308,7 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
     """The predictions export, the figures and the JSON record; returns the record."""
     task, split = run.opts.task, run.opts.split
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(task, split, run.opts.budget)
+    stem = output_stem(task, split, run.opts.budget, blind=run.opts.blind)
     export = write_predictions(task, dict(zip(merged["ids"], merged["predictions"])), run.out_dir, stem)
     figures = write_eval_figures(run.out_dir, stem, f"{run_name(run.recipe, run.ckpt)} {task}/{split}",
                                  merged["cost"], scores.difficulty, scores.difficulty_label, collector.figures,
@@ -299,6 +317,7 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
                           merged=merged, complete=complete, processes=run.group.world,
                           batch_size=run.opts.batch_size, scores=scores, speed=speed, predictions_file=export.name,
                           figures=figures, seconds=time.perf_counter() - run.started, budget=run.opts.budget,
-                          calibration=getattr(run.model, "calibration", None), vqa_metric=run.opts.vqa_metric)
+                          calibration=getattr(run.model, "calibration", None), vqa_metric=run.opts.vqa_metric,
+                          blind=run.opts.blind)
     result["path"] = str(write_json(result, run.out_dir / f"{stem}.json"))
     return result

@@ -10,11 +10,13 @@ from typing import Any
 from trim.eval.errors import OutputError
 
 
-def output_stem(task: str, split: str, budget: float | None = None) -> str:
-    """File stem of the results: ``<task>`` for the val split, ``<task>_<split>`` otherwise, and
-    ``_budget<b>`` after it for an evaluation at an asked budget (``trim eval --budget``)."""
+def output_stem(task: str, split: str, budget: float | None = None, *, blind: bool = False) -> str:
+    """File stem of the results: ``<task>`` for the val split, ``<task>_<split>`` otherwise,
+    ``_budget<b>`` after it for an evaluation at an asked budget (``trim eval --budget``), and
+    ``_blind`` last for the blind baseline (``trim eval --blind``)."""
     stem = task if split == "val" else f"{task}_{split}"
-    return stem if budget is None else f"{stem}_budget{budget:g}"
+    stem = stem if budget is None else f"{stem}_budget{budget:g}"
+    return f"{stem}_blind" if blind else stem
 
 
 def check_writable(directory: Path, flag: str) -> None:

@@ -57,7 +57,8 @@ def _names(results: list[dict[str, Any]]) -> list[str]:
 
 def _at_budget(result: dict[str, Any]) -> str:
     budget = result.get("budget")
-    return "" if budget is None else f" @{budget:g}"
+    blind = " (blind)" if result.get("images") == "blind" else ""
+    return ("" if budget is None else f" @{budget:g}") + blind
 
 
 def _group(result: dict[str, Any]) -> str:
@@ -74,6 +75,7 @@ def report_points(results: list[dict[str, Any]], speed: str = "throughput") -> l
         measured = (result.get("speed") or {}).get(speed) or {}
         run = result.get("run") or {}
         target = run.get("target")
+        last = (result.get("relevance") or {}).get("last") or {}  # eval JSONs without relevance: "-"
         rows.append({
             "name": name,
             "group": _group(result),
@@ -87,6 +89,9 @@ def report_points(results: list[dict[str, Any]], speed: str = "throughput") -> l
             "accuracy": result.get("accuracy"),
             "accuracy_name": result.get("accuracy_name", "accuracy"),
             "cost_ratio": result["cost_ratio"]["mean"],
+            "relevance_recall": last.get("recall"),
+            "relevance_lift": last.get("lift"),
+            "images": result.get("images", "real"),
             "speedup": measured.get("speedup"),
             "trimmed": measured.get("trimmed_samples_per_s", measured.get("trimmed_ms")),
             "full": measured.get("full_samples_per_s", measured.get("full_ms")),
@@ -107,14 +112,15 @@ def markdown_table(rows: list[dict[str, Any]], speed: str = "throughput") -> str
     """One line per point; the last column marks the points on the Pareto front (``pareto``)."""
     unit = "samples/s" if speed == "throughput" else "ms"
     head = (f"| name | method | task/split | samples | target | budget | accuracy (%) | cost ratio | "
-            f"speedup ({speed}) | trimmed {unit} | full {unit} | batch | device | Pareto |")
+            f"relevance recall | lift | speedup ({speed}) | trimmed {unit} | full {unit} | batch | device | Pareto |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         split = r["split"] + ("" if r["complete"] else " (subset)")
         lines.append(
             f"| {r['name']} | {r['group']} | {r['task']}/{split} | {r['samples']} | {_fmt(r['target'], 'g')} | "
             f"{_fmt(r.get('budget'), 'g')} | "
-            f"{_fmt(r['accuracy'], '.2f')} | {r['cost_ratio']:.3f} | {_fmt(r['speedup'], '.2f')} | "
+            f"{_fmt(r['accuracy'], '.2f')} | {r['cost_ratio']:.3f} | {_fmt(r.get('relevance_recall'), '.3f')} | "
+            f"{_fmt(r.get('relevance_lift'), '.2f')} | {_fmt(r['speedup'], '.2f')} | "
             f"{_fmt(r['trimmed'], '.2f')} | {_fmt(r['full'], '.2f')} | {_fmt(r['batch_size'], 'd')} | "
             f"{r['device'] or '-'} | {'yes' if r.get('pareto') else ''} |")
     return "\n".join(lines)
@@ -143,7 +149,7 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         notes = []
         if len(plotted) < len(task_rows):
             notes.append(f"{len(task_rows) - len(plotted)} result(s) lack an accuracy (unlabelled split) or a speed "
-                         "measurement (--no-speed) and are only in the table.")
+                         "measurement (--no-speed, --blind) and are only in the table.")
         devices = {r["device"] for r in plotted}
         if len(devices) > 1:
             notes.append(f"speedups were measured on different devices ({', '.join(sorted(map(str, devices)))}); "
@@ -172,7 +178,10 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     sections += ["Speedup: wall-clock time of the full model (trim='off') / the trimmed model (trim='eval'), "
                  "measured in the same `trim eval` run on the same weights and batch, interleaved, after warm-up, "
                  f"median of repeats ({speed}: " + ("the eval batch size" if speed == "throughput" else "batch 1")
-                 + "). Cost ratio: mean per-sample FLOPs ratio over the set, padding counted. Budget: the mean "
+                 + "). Cost ratio: mean per-sample FLOPs ratio over the set, padding counted. Relevance recall "
+                 "and lift: at the last token-trimmed image layer, on data with relevance masks (the kept share of "
+                 "the patches the question depends on; lift = recall / chance, 1.0 = chance). (blind): every image "
+                 "replaced by a constant (`trim eval --blind`). Budget: the mean "
                  "cost ratio asked of a calibrated checkpoint (`trim eval --budget`; `trim calibrate` fits one logit "
                  "shift per budget on held-out inputs, so one set of weights serves them all).", ""]
     markdown = "\n".join(sections)

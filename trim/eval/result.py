@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trim.eval.blind import BLIND_NOTE
+from trim.eval.relevance import relevance_summary
 from trim.eval.scores import Scores
 from trim.eval.split import EvalSplit
 from trim.eval.stats import KEPT_NOTE, cost_summary, kept_summary
@@ -39,8 +41,9 @@ def _calibration(calibration: Any, budget: float | None) -> dict[str, Any] | Non
 def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
                  complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
                  predictions_file: str, figures: list[str], seconds: float, budget: float | None = None,
-                 calibration: Any = None, vqa_metric: str | None = None) -> dict[str, Any]:
+                 calibration: Any = None, vqa_metric: str | None = None, blind: bool = False) -> dict[str, Any]:
     cfg, n = model_config, len(merged["ids"])
+    relevance = merged["relevance"]
     return {
         "format": EVAL_FORMAT,
         "name": run_name(recipe, ckpt),
@@ -62,6 +65,8 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "batch_size": batch_size,
         "max_text_len": split.max_text_len,
         "trim": "eval",
+        "images": "blind" if blind else "real",
+        "images_note": BLIND_NOTE if blind else None,
         "accuracy": None if scores.accuracy is None else round(float(scores.accuracy), 4),
         "accuracy_name": "VQA accuracy (%)" if split.task == "vqa" else "NLVR2 accuracy (%)",
         # Which official VQA tool the numbers reproduce (docs/metrics.md); also in metrics.metric.
@@ -70,6 +75,9 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "cost_ratio": cost_summary(merged["cost"]),
         "kept": kept_summary(cfg.trim, merged),
         "kept_note": KEPT_NOTE,
+        # Only when the data carry relevance masks (the synthetic world) and some image layer trims tokens.
+        "relevance": relevance_summary(relevance, merged["relevance_layers"])
+        if relevance is not None and merged["relevance_layers"] else None,
         "speed": speed,
         "speedup": speed["throughput"]["speedup"] if speed else None,
         "exports": {"predictions": predictions_file},
@@ -81,8 +89,11 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
 def summary(result: dict[str, Any]) -> str:
     """The lines `trim eval` prints."""
     budget = f" at budget {result['budget']:g}" if result.get("budget") is not None else ""
-    lines = [f"{result['name']}{budget}: {result['task']}/{result['split']}, {result['samples']} samples "
+    blind = " BLIND" if result.get("images") == "blind" else ""
+    lines = [f"{result['name']}{budget}{blind}: {result['task']}/{result['split']}, {result['samples']} samples "
              f"({'whole split' if result['complete'] else 'subset'}), {result['processes']} process(es)"]
+    if blind:
+        lines.append(f"blind: {result['images_note']}")
     m = result["metrics"]
     if m is None:
         lines.append("metrics: none (the split has no answers/labels); submit the predictions file")
@@ -93,6 +104,8 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
     c = result["cost_ratio"]
     lines.append(f"cost ratio mean {c['mean']:.3f} (median {c['median']:.3f}, min {c['min']:.3f}, max {c['max']:.3f})")
+    if result.get("relevance"):
+        lines.append(relevance_line(result["relevance"]))
     s = result["speed"]
     if s:
         t, lat = s["throughput"], s["latency"]
@@ -103,3 +116,15 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"wrote {result['path']} (+ {result['exports']['predictions']}, {len(result['figures'])} figures) "
                  f"in {result['eval_seconds']:.1f}s")
     return "\n".join(lines)
+
+
+def relevance_line(relevance: dict[str, Any]) -> str:
+    """One printed line: recall / kept / lift per trimmed image layer, then the last layer's lift and the mean."""
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    layers = "; ".join(f"{r['stream']} {r['layer']}: recall {number(r['recall'], '.3f')} kept "
+                       f"{number(r['kept'], '.3f')} lift {number(r['lift'], '.2f')}" for r in relevance["layers"])
+    last, mean = relevance["last"], relevance["mean"]
+    return (f"relevance (relevant patches kept; lift 1.0 = chance): {layers}; lift at the last layer "
+            f"{number(last['lift'], '.2f')}, mean {number(mean['lift'], '.2f')}")

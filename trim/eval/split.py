@@ -41,7 +41,8 @@ class EvalSplit:
 
         return build_loader(self.urls, self.task, tokenizer=self.tokenizer, batch_size=batch_size, mode="eval",
                             image_size=cfg.vision.image_size, answer_vocab=self.answers, num_workers=workers,
-                            max_text_len=self.max_text_len, mean=PIXEL_MEAN, std=PIXEL_STD)
+                            max_text_len=self.max_text_len, mean=PIXEL_MEAN, std=PIXEL_STD,
+                            relevance_grid=cfg.vision.grid)  # masks, where the shards have them
 
 
 def read_split(root: Path, task: str, split: str, cfg: Any, recipe: dict[str, Any],
