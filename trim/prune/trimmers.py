@@ -72,6 +72,7 @@ class Trimmer(nn.Module):
 def head_decisions(logits: Tensor, *, decision: str, tau: float, min_keep: int) -> Tensor:
     """Head keep decisions from (B, H) logits: Gumbel samples with straight-through gradients
     (``"sample"``) or ``logit > 0`` as float 0/1 (``"threshold"``); at least ``min_keep`` per row."""
+    _check_decision(decision)
     b = logits.shape[0]
     everything = torch.ones_like(logits, dtype=torch.bool)
     sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
