@@ -10,7 +10,8 @@ A recipe has five sections (see docs/training.md for every key)::
                 pretrained: <source for trim.models.from_pretrained>
     data:       shard root or urls, task, image size, batch size, workers
     train:      steps, lr, trimmer_lr, schedule, grad_accum, clip, precision, deepspeed, saving
-    objective:  method (smarttrim | none), cost loss, curriculum, distillation, Gumbel temperature
+    objective:  method (smarttrim | a baseline: random, evit, text_agnostic, static_heads, fixed_ratio |
+                none), cost loss, curriculum, distillation, Gumbel temperature
 
 ``load_recipe(path, overrides)`` reads the YAML, applies dotted ``key.sub=value`` overrides,
 and checks every key, type and value. An unknown or mistyped key, a wrong type or an
@@ -383,6 +384,7 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str = "recipe") -> Recipe:
     train.validate()
     objective.validate()
     model = _model_section(raw["model"])
+    _set_policy(model.config, objective.method, raw["model"])
     recipe = Recipe(name=name, model=model, data=data, train=train, objective=objective,
                     output_dir=coerce(str, raw.get("output_dir", "runs"), "output_dir"),
                     description=coerce(str, raw.get("description", "") or "", "description"))
@@ -417,6 +419,26 @@ def _resolve(recipe: Recipe) -> None:
     if train.deepspeed is not None and not Path(train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed={train.deepspeed!r} does not exist; use a JSON file such as "
                           "launch/deepspeed/zero2.json, or null for DDP")
+
+
+def _set_policy(cfg: ModelConfig, method: str, raw_model: Any) -> None:
+    """A trimming method's trimmers: ``objective.method`` names SmartTrim or a baseline, and the model
+    config carries it as ``model.trim.policy`` (so the checkpoint rebuilds the same trimmers). A
+    policy the recipe states itself must agree; one inherited from ``init_from`` is replaced."""
+    from trim.prune.policies import POLICIES
+
+    if method not in POLICIES:
+        return
+    trim_section = raw_model.get("trim") if isinstance(raw_model, Mapping) else None
+    stated = trim_section.get("policy") if isinstance(trim_section, Mapping) else None
+    if stated is not None and stated != method:
+        raise ConfigError(f"model.trim.policy={stated!r} but objective.method={method!r}; objective.method sets the "
+                          "policy: drop model.trim.policy from the recipe")
+    cfg.trim.policy = method
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"objective.method={method!r}: {err}") from err
 
 
 def _has_trimmers(cfg: Any) -> bool:

@@ -68,6 +68,7 @@ from trim.eval.speed import measure_speed
 from trim.eval.split import EvalSplit, read_split
 from trim.models import load_model, read_config
 from trim.models.io import resolve_checkpoint
+from trim.prune.keep_ratio import model_keep_ratio
 from trim.ranks import rank_and_world, rank_slice, slice_batch
 
 __all__ = ["SEG_UNAVAILABLE", "TASKS", "EvalError", "evaluate", "evaluate_budgets", "summary"]
@@ -318,6 +319,6 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
                           batch_size=run.opts.batch_size, scores=scores, speed=speed, predictions_file=export.name,
                           figures=figures, seconds=time.perf_counter() - run.started, budget=run.opts.budget,
                           calibration=getattr(run.model, "calibration", None), vqa_metric=run.opts.vqa_metric,
-                          blind=run.opts.blind)
+                          blind=run.opts.blind, keep_ratio=model_keep_ratio(run.model))
     result["path"] = str(write_json(result, run.out_dir / f"{stem}.json"))
     return result

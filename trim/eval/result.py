@@ -11,6 +11,7 @@ from trim.eval.relevance import relevance_summary
 from trim.eval.scores import Scores
 from trim.eval.split import EvalSplit
 from trim.eval.stats import KEPT_NOTE, cost_summary, kept_summary
+from trim.prune.keep_ratio import CALIBRATION_SKIPPED
 
 EVAL_FORMAT = "trim-eval/1"
 
@@ -28,10 +29,11 @@ def _run(recipe: dict[str, Any], budget: float | None) -> dict[str, Any]:
             "budget": budget}
 
 
-def _calibration(calibration: Any, budget: float | None) -> dict[str, Any] | None:
-    """What the budget knob did: the budget served and its logit shift (None: uncalibrated)."""
+def _calibration(calibration: Any, budget: float | None, keep_ratio: float | None = None) -> dict[str, Any] | None:
+    """What the budget knob did: the budget served and its logit shift (None: uncalibrated; for a
+    fixed-ratio baseline, why calibration was skipped and the keep ratio it runs at)."""
     if calibration is None:
-        return None
+        return None if keep_ratio is None else {"skipped": CALIBRATION_SKIPPED, "keep_ratio": keep_ratio}
     lo, hi = calibration.budget_range
     return {"target": calibration.target, "budget": calibration.target if budget is None else budget,
             "shift": round(calibration.shift_for(budget), 6), "range": [lo, hi], "fitted_on": calibration.trim,
@@ -41,7 +43,8 @@ def _calibration(calibration: Any, budget: float | None) -> dict[str, Any] | Non
 def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
                  complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
                  predictions_file: str, figures: list[str], seconds: float, budget: float | None = None,
-                 calibration: Any = None, vqa_metric: str | None = None, blind: bool = False) -> dict[str, Any]:
+                 calibration: Any = None, vqa_metric: str | None = None, blind: bool = False,
+                 keep_ratio: float | None = None) -> dict[str, Any]:
     cfg, n = model_config, len(merged["ids"])
     relevance = merged["relevance"]
     return {
@@ -53,7 +56,7 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "data": str(split.root.resolve()),
         "run": _run(recipe, budget),
         "budget": budget,  # asked with --budget; None: the checkpoint's default (its calibrated target)
-        "calibration": _calibration(calibration, budget),
+        "calibration": _calibration(calibration, budget, keep_ratio),
         "model": {"family": cfg.family, "image_size": cfg.vision.image_size, "num_labels": cfg.num_labels,
                   "trim": cfg.to_dict()["trim"]},
         "samples": n,
@@ -106,6 +109,9 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"cost ratio mean {c['mean']:.3f} (median {c['median']:.3f}, min {c['min']:.3f}, max {c['max']:.3f})")
     if result.get("relevance"):
         lines.append(relevance_line(result["relevance"]))
+    skipped = (result.get("calibration") or {}).get("skipped")
+    if skipped:
+        lines.append(f"calibration skipped at keep ratio {result['calibration']['keep_ratio']:.3f}: {skipped}")
     s = result["speed"]
     if s:
         t, lat = s["throughput"], s["latency"]

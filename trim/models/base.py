@@ -10,6 +10,7 @@ from trim.models.output import ModelOutput
 from trim.models.streams import per_image
 from trim.prune import CostMeter, LayerRecord, auto_layout, trimmer_modules
 from trim.prune.calibrate import Calibration, CalibrationError, logit_shift
+from trim.prune.keep_ratio import CALIBRATION_SKIPPED, ratio_trimmers
 from trim.prune.stack import check_mode
 
 
@@ -61,6 +62,9 @@ class TrimModel(nn.Module):
         if self.calibration is None:
             if budget is None:
                 return 0.0
+            if ratio_trimmers(self):
+                raise CalibrationError(f"budget={budget:g}: {CALIBRATION_SKIPPED}; evaluate without a budget, or "
+                                       "train this method at that target")
             raise CalibrationError(f"budget={budget:g} needs a calibrated model, and this one has no calibration "
                                    "(config.json has no 'calibration' section); run `trim calibrate CHECKPOINT "
                                    "--data ROOT` (training calibrates its final checkpoint) or drop the budget")

@@ -21,7 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from trim.errors import ConfigError
 from trim.models.config import TrimConfig
+from trim.models.streams import TEXT
 from trim.models.towers import make_trimmers
 from trim.nn import PreNormBlock
 from trim.nn.tokens import Packing
@@ -89,7 +91,13 @@ class ClipTextTower(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         block = CausalPreNormBlock if cfg.causal else PreNormBlock
         blocks = [block(cfg.width, cfg.heads, cfg.mlp_ratio, act=cfg.act, eps=cfg.eps) for _ in range(cfg.layers)]
-        tok, head = make_trimmers(cfg.width, cfg.heads, trim.text_token_layers, trim.text_head_layers, trim, None)
+        if trim.policy == "evit" and trim.text_token_layers and (cfg.causal or cfg.pool != "first"):
+            raise ConfigError("model.trim.policy='evit' ranks tokens by the attention of the [CLS] token the model "
+                              f"pools, but this CLIP text tower pools its {cfg.pool!r} token"
+                              f"{' under a causal mask' if cfg.causal else ''}; drop model.trim.text_token_layers "
+                              "or choose another objective.method")
+        tok, head = make_trimmers(cfg.width, cfg.heads, trim.text_token_layers, trim.text_head_layers, trim, None,
+                                  TEXT)
         self.stack = TrimmedStack(blocks, token_trimmers=tok, head_trimmers=head)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.text_projection = (nn.Linear(cfg.width, cfg.output_dim, bias=cfg.proj_bias)

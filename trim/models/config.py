@@ -131,6 +131,9 @@ class TrimConfig:
     min_keep_heads: int = 1
     hidden: int | None = None  # trimmer width (default: width / 8)
     init_keep_logit: float = 3.0  # sigmoid(3) = 0.95: a fresh trimmer keeps (almost) everything
+    # which trimmers sit there: SmartTrim's or a baseline's (trim.prune.policies); recipes set it
+    # from objective.method, and the checkpoint keeps it so trim.load rebuilds the same trimmers
+    policy: str = "smarttrim"
 
 
 @dataclass
@@ -192,6 +195,7 @@ class ModelConfig:
             self._validate_vilt()
         if self.trim.min_keep_tokens < 1 or self.trim.min_keep_heads < 1:
             raise ConfigError("model.trim.min_keep_tokens and min_keep_heads must be >= 1")
+        self._validate_policy()
         towers = min(self.vision.layers, self.text.layers)
         for i, layer in enumerate(self.bridge_layers):
             if not 0 <= layer < towers:
@@ -229,6 +233,26 @@ class ModelConfig:
         if trimmed:
             raise ConfigError(f"model.trim.{trimmed[0]}={getattr(self.trim, trimmed[0])}: the sam family has no "
                               "trimmers yet; leave model.trim's layer lists empty")
+    def _validate_policy(self) -> None:
+        from trim.prune.policies import HEAD_POLICIES, POLICIES, TOKEN_ONLY_POLICIES
+
+        policy, t = self.trim.policy, self.trim
+        if policy not in POLICIES:
+            raise ConfigError(f"model.trim.policy={policy!r}; choose one of {', '.join(POLICIES)} "
+                              "(objective.method sets it in a recipe)")
+        tokens = t.vision_token_layers or t.text_token_layers or t.cross_token_layers
+        heads = t.vision_head_layers or t.text_head_layers or t.cross_head_layers
+        if policy in TOKEN_ONLY_POLICIES and not tokens:
+            raise ConfigError(f"model.trim.policy={policy!r} prunes tokens only (every head is kept), but model.trim "
+                              "places no token trimmers; add layers to model.trim.vision_token_layers / "
+                              "cross_token_layers / text_token_layers")
+        if policy in HEAD_POLICIES and not heads:
+            raise ConfigError(f"model.trim.policy={policy!r} replaces SmartTrim's head trimmers, but model.trim places "
+                              "none; add layers to model.trim.cross_head_layers / vision_head_layers / text_head_layers")
+        if policy == "evit" and self.bridge_layers:
+            raise ConfigError("model.trim.policy='evit' with model.bridge_layers: BridgeTower's bridges read each cross "
+                              "token's uni-modal value by its original position, and EViT's fused token has none; "
+                              "use a METER-style model (model.bridge_layers: []) or another method")
 
     def _validate_vilt(self) -> None:
         if self.trim.text_token_layers or self.trim.text_head_layers:

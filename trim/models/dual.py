@@ -22,7 +22,7 @@ from trim.models.config import ModelConfig
 from trim.models.heads import Pooler, make_head
 from trim.models.towers import TextTower, VisionTower, text_protect
 from trim.nn import CrossBlock, TokenSet
-from trim.prune import CostMeter, HeadTrimmer, LayerRecord, TokenTrimmer, block_flops, start_tokens
+from trim.prune import CostMeter, LayerRecord, Trimmer, block_flops, head_trimmer, start_tokens, token_trimmer
 from trim.prune.cost import core_pairs
 from trim.prune.stack import token_cost, trim_heads, trim_tokens
 
@@ -55,16 +55,19 @@ class DualStreamModel(TrimModel):
         self.cross_trimmers = nn.ModuleDict({name: nn.ModuleDict() for name in CROSS_TRIMMERS})
         for i in t.cross_token_layers:
             for name in ("text_tokens", "image_tokens"):
-                self.cross_trimmers[name][str(i)] = TokenTrimmer(w, w, hidden=t.hidden, min_keep=t.min_keep_tokens,
-                                                                 init_logit=t.init_keep_logit)
+                self.cross_trimmers[name][str(i)] = token_trimmer(t.policy, w, w, hidden=t.hidden,
+                                                                  min_keep=t.min_keep_tokens,
+                                                                  init_logit=t.init_keep_logit, name=f"{name}/{i}")
         for i in t.cross_head_layers:
             for name in CROSS_TRIMMERS[2:]:
-                self.cross_trimmers[name][str(i)] = HeadTrimmer(w, cfg.cross_heads, w, hidden=t.hidden,
-                                                                min_keep=t.min_keep_heads, init_logit=t.init_keep_logit)
+                trimmer = head_trimmer(t.policy, w, cfg.cross_heads, w, hidden=t.hidden, min_keep=t.min_keep_heads,
+                                       init_logit=t.init_keep_logit)
+                if trimmer is not None:  # token-only baselines keep every head
+                    self.cross_trimmers[name][str(i)] = trimmer
         self.text_pooler, self.image_pooler = Pooler(w), Pooler(w)
         self.head = make_head(cfg.task, 2 * w, cfg.num_labels, 2 * w)
 
-    def _trimmer(self, name: str, layer: int) -> TokenTrimmer | HeadTrimmer | None:
+    def _trimmer(self, name: str, layer: int) -> Trimmer | None:
         group = self.cross_trimmers[name]
         return group[str(layer)] if str(layer) in group else None
 
@@ -126,8 +129,10 @@ class DualStreamModel(TrimModel):
                 v = v.with_x(self.image_links[j - 1](self._bridge(image_outs[uni], v, image=True) + v.x))
             # Both streams decide from the previous layer's outputs, each seeing the other's summary.
             t_pool, v_pool = t.mean(), v.mean()
-            ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, own=t_pool, other=v_pool)
-            vs = trim_tokens(self._trimmer("image_tokens", j), v, mode, tau=tau, own=v_pool, other=t_pool)
+            ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, own=t_pool, other=v_pool,
+                             block=text_layer)
+            vs = trim_tokens(self._trimmer("image_tokens", j), v, mode, tau=tau, own=v_pool, other=t_pool,
+                             block=image_layer)
             t, v = ts.tokens, vs.tokens
             t_pool, v_pool = t.mean(), v.mean()
             h = cfg.cross_heads

@@ -6,17 +6,19 @@ import torch
 from torch import Tensor, nn
 
 from trim.models.config import TextConfig, TrimConfig, VisionConfig
+from trim.models.streams import TEXT, VISION
 from trim.nn import PostNormBlock, PreNormBlock
-from trim.prune import HeadTrimmer, TokenTrimmer, TrimmedStack
+from trim.prune import Trimmer, TrimmedStack, head_trimmer, token_trimmer
 
 
 def make_trimmers(width: int, heads: int, token_layers: list[int], head_layers: list[int], trim: TrimConfig,
-                  other_dim: int | None) -> tuple[dict[int, TokenTrimmer], dict[int, HeadTrimmer]]:
-    tok = {i: TokenTrimmer(width, other_dim, hidden=trim.hidden, min_keep=trim.min_keep_tokens,
-                           init_logit=trim.init_keep_logit) for i in token_layers}
-    head = {i: HeadTrimmer(width, heads, other_dim, hidden=trim.hidden, min_keep=trim.min_keep_heads,
-                           init_logit=trim.init_keep_logit) for i in head_layers}
-    return tok, head
+                  other_dim: int | None, stream: str) -> tuple[dict[int, Trimmer], dict[int, Trimmer]]:
+    """The token and head trimmers ``trim.policy`` places on one stack of ``stream``."""
+    tok = {i: token_trimmer(trim.policy, width, other_dim, hidden=trim.hidden, min_keep=trim.min_keep_tokens,
+                            init_logit=trim.init_keep_logit, name=f"{stream}/{i}") for i in token_layers}
+    head = {i: head_trimmer(trim.policy, width, heads, other_dim, hidden=trim.hidden, min_keep=trim.min_keep_heads,
+                            init_logit=trim.init_keep_logit) for i in head_layers}
+    return tok, {i: h for i, h in head.items() if h is not None}
 
 
 def conv_stem(cfg: VisionConfig) -> nn.Sequential:
@@ -72,7 +74,8 @@ class VisionTower(nn.Module):
         self.embed = PatchEmbed(cfg)
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
         blocks = [PreNormBlock(cfg.width, cfg.heads, cfg.mlp_ratio, act=cfg.act, eps=cfg.eps) for _ in range(cfg.layers)]
-        tok, head = make_trimmers(cfg.width, cfg.heads, trim.vision_token_layers, trim.vision_head_layers, trim, text_dim)
+        tok, head = make_trimmers(cfg.width, cfg.heads, trim.vision_token_layers, trim.vision_head_layers, trim, text_dim,
+                                  VISION)
         self.stack = TrimmedStack(blocks, token_trimmers=tok, head_trimmers=head)
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_post else nn.Identity()
 
@@ -119,7 +122,7 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.embeddings = TextEmbeddings(cfg)
         blocks = [PostNormBlock(cfg.width, cfg.heads, cfg.mlp_ratio, act=cfg.act, eps=cfg.eps) for _ in range(cfg.layers)]
-        tok, head = make_trimmers(cfg.width, cfg.heads, trim.text_token_layers, trim.text_head_layers, trim, None)
+        tok, head = make_trimmers(cfg.width, cfg.heads, trim.text_token_layers, trim.text_head_layers, trim, None, TEXT)
         self.stack = TrimmedStack(blocks, token_trimmers=tok, head_trimmers=head)
 
 

@@ -38,7 +38,7 @@ class ViltModel(TrimModel):
         self.modality_embeddings = nn.Embedding(cfg.max_images + 1, v.width)
         blocks = [PreNormBlock(v.width, v.heads, v.mlp_ratio, act=v.act, eps=v.eps, fused_qkv=False)
                   for _ in range(v.layers)]
-        tok, head = make_trimmers(v.width, v.heads, t.vision_token_layers, t.vision_head_layers, t, v.width)
+        tok, head = make_trimmers(v.width, v.heads, t.vision_token_layers, t.vision_head_layers, t, v.width, VILT)
         self.stack = TrimmedStack(blocks, token_trimmers=tok, head_trimmers=head)
         self.norm = nn.LayerNorm(v.width, eps=v.eps)
         self.pooler = Pooler(v.width)

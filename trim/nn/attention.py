@@ -189,6 +189,25 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
+    def first_token_attention(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, N) attention weights of each sample's first token over its keys, mean over heads:
+        ``mean_h softmax_j(q_0^h . k_j^h * scale)`` over the keys ``keep`` (B, N) allows (EViT reads
+        [CLS]'s). Only the first token's query and the keys are projected; ``x`` is (B, N, D)."""
+        if self.is_cross:
+            raise ValueError("first_token_attention reads a self-attention layer; this one is cross-attention")
+        first = x[:, :1]
+        if self.fused_qkv:
+            rows = torch.arange(self.inner_dim, device=x.device)
+            q, k = self._linear("qkv", first, rows=rows), self._linear("qkv", x, rows=rows + self.inner_dim)
+        else:
+            q, k = self._linear("q_proj", first), self._linear("k_proj", x)
+        b, n = x.shape[:2]
+        q, k = q.view(b, self.num_heads, 1, self.head_dim), k.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-2, -1)).squeeze(2) * self.scale  # (B, H, N)
+        if keep is not None:
+            scores = scores.masked_fill(~keep.bool()[:, None], float("-inf"))
+        return scores.softmax(-1).mean(1)
+
     # -- forward -------------------------------------------------------------------------
     def forward(
         self,

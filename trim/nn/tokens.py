@@ -103,7 +103,7 @@ class TokenSet:
     # lets attention take its fastest path (batch size 1 at inference is always gap-free).
     has_gaps: bool = True
     packing: Packing | None = None  # set when x is packed (1, T, D) (physical only)
-    positions: int = 0  # original positions N0 (physical only: index points into them)
+    positions: int = 0  # original positions N0 (index points into them; tokens past them were appended)
 
     @classmethod
     def start(cls, x: Tensor, *, valid: Tensor | None = None, protect: Tensor | None = None,
@@ -121,7 +121,7 @@ class TokenSet:
         gaps = not bool(valid.all())
         if not physical:
             return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment,
-                       has_gaps=soft or gaps)
+                       has_gaps=soft or gaps, positions=n)
         tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
                      archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment, has_gaps=False,
                      positions=n)
@@ -215,7 +215,7 @@ class TokenSet:
     def alive_positions(self) -> Tensor:
         """(B, N0) bool: which original positions are still alive (for kept-token plots)."""
         if not self.physical:
-            return self.keep.bool()
+            return self.keep.bool()[:, :self.positions or None]
         n0 = self.positions
         alive = torch.zeros(self.batch_size, n0 + 1, dtype=torch.bool, device=self.x.device)
         slot = torch.where(self.keep, self.index, torch.full_like(self.index, n0))
@@ -245,10 +245,39 @@ class TokenSet:
         rows = self.packing.rows.gather(1, pos)[valid]
         return replace(pruned, x=self.x[:, rows], packing=Packing.from_valid(valid), has_gaps=False)
 
+    def append(self, values: Tensor, alive: Tensor, segment: int | None = None) -> "TokenSet":
+        """One more token per sample, after its carried ones (EViT's fused token): ``values`` (B, D),
+        ``alive`` (B,) bool, whether each sample gets it; ``segment`` its modality id (single-stream).
+
+        It has no original position (its ``index`` is the spare slot ``positions``), so `restore`
+        and `alive_positions` leave it out; it is not protected (a later trimmer may drop it).
+        """
+        b, d = self.batch_size, self.x.shape[-1]
+        values = values.to(self.x.dtype)
+        seg = None if self.segment is None else torch.full((b, 1), segment or 0, dtype=self.segment.dtype,
+                                                          device=self.segment.device)
+        if not self.physical:
+            keep = torch.cat([self.keep, alive.to(self.keep.dtype)[:, None]], 1)
+            return replace(self, x=torch.cat([self.x, values[:, None]], 1), keep=keep,
+                           protect=torch.cat([self.protect, torch.zeros_like(self.protect[:, :1])], 1),
+                           segment=None if seg is None else torch.cat([self.segment, seg], 1),
+                           has_gaps=self.has_gaps or not bool(keep.bool().all()))
+        # Physical grids are compact (each row's valid slots first): the new token goes to slot counts[b].
+        counts = self.keep.sum(1)[:, None]
+        grid = torch.cat([self.grid(), self.x.new_zeros(b, 1, d)], 1).scatter(1, counts[..., None].expand(-1, 1, d),
+                                                                                values[:, None])
+        index = torch.cat([self.index, torch.zeros_like(self.index[:, :1])], 1).scatter(1, counts, self.positions)
+        keep = torch.arange(grid.shape[1], device=grid.device) < counts + alive.long()[:, None]
+        if seg is not None:
+            seg = torch.cat([self.segment, seg], 1).scatter(1, counts, seg)
+        tokens = TokenSet(grid, keep, torch.cat([self.protect, torch.zeros_like(self.protect[:, :1])], 1), index=index,
+                          archive=self.archive, segment=seg, has_gaps=not bool(keep.all()), positions=self.positions)
+        return tokens.packed() if self.packing is not None else tokens
+
     def restore(self) -> Tensor:
         """All original positions (B, N0, D): carried tokens' values, dropped tokens' last values."""
         if not self.physical:
-            return self.x
+            return self.x[:, :self.positions or None]
         if self.archive is None:
             raise RuntimeError("this TokenSet was projected (TokenSet.project), so its dropped tokens cannot be "
                                "restored; restore before projecting")

@@ -3,9 +3,10 @@
 from trim.prune.cost import CostMeter, block_flops
 from trim.prune.curriculum import Curriculum
 from trim.prune.gumbel import TemperatureSchedule, gumbel_sigmoid
+from trim.prune.policies import POLICIES, RATIO_POLICIES, head_trimmer, token_trimmer
 from trim.prune.stack import LAYOUTS, TRIM_MODES, LayerRecord, TrimmedStack, auto_layout, start_tokens
-from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run, trimmer_modules
+from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, Trimmer, heads_to_run, trimmer_modules
 
-__all__ = ["LAYOUTS", "CostMeter", "Curriculum", "HeadTrimmer", "LayerRecord", "TRIM_MODES", "TemperatureSchedule",
-           "TokenTrimmer", "TrimmedStack", "auto_layout", "block_flops", "gumbel_sigmoid", "heads_to_run", "start_tokens",
-           "trimmer_modules"]
+__all__ = ["LAYOUTS", "POLICIES", "RATIO_POLICIES", "CostMeter", "Curriculum", "HeadTrimmer", "LayerRecord",
+           "TRIM_MODES", "TemperatureSchedule", "TokenTrimmer", "TrimmedStack", "Trimmer", "auto_layout", "block_flops",
+           "gumbel_sigmoid", "head_trimmer", "heads_to_run", "start_tokens", "token_trimmer", "trimmer_modules"]

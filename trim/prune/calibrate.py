@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from trim.errors import TrimError
+from trim.prune.keep_ratio import CALIBRATION_SKIPPED, ratio_trimmers
 from trim.prune.trimmers import trimmer_modules
 
 CALIBRATION_FORMAT = "trim-calibration/1"
@@ -145,6 +146,8 @@ class CostCurve:
         if not any(True for _ in trimmer_modules(model)):
             raise CalibrationError("this model has no token or head trimmers (model.trim.*_layers are all empty); "
                                    "there is no budget to calibrate")
+        if ratio_trimmers(model):
+            raise CalibrationError(f"cannot calibrate: {CALIBRATION_SKIPPED}")
         self.points: dict[float, float] = {}
 
     def __call__(self, shift: float) -> float:

@@ -25,6 +25,8 @@ from trim.nn.attention import Attention
 from trim.nn.blocks import CrossBlock, PostNormBlock, PreNormBlock
 from trim.nn.mlp import Mlp
 from trim.nn.tokens import Packing
+from trim.prune.random_keep import RandomTokenTrimmer
+from trim.prune.static_heads import StaticHeadGate
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer
 
 Count = Tensor | float | int
@@ -76,7 +78,9 @@ def core_pairs(attn: Attention, packing: Packing | None, context_packing: Packin
                       device=packing.offsets.device)
 
 
-def token_trimmer_flops(trimmer: TokenTrimmer, n: Count) -> Count:
+def token_trimmer_flops(trimmer: TokenTrimmer | RandomTokenTrimmer, n: Count) -> Count:
+    if isinstance(trimmer, RandomTokenTrimmer):  # random scores: no matrix product
+        return 0
     hidden = trimmer.local.out_features
     per_sample = 2 * trimmer.global_proj.in_features * hidden
     if trimmer.cross is not None:
@@ -84,7 +88,16 @@ def token_trimmer_flops(trimmer: TokenTrimmer, n: Count) -> Count:
     return n * (2 * trimmer.local.in_features * hidden + 2 * hidden) + per_sample
 
 
-def head_trimmer_flops(trimmer: HeadTrimmer) -> int:
+def first_token_attention_flops(attn: Attention, n: Count) -> Count:
+    """EViT's overhead for ``n`` tokens: the first token's query (2 D h d_h), every key
+    (2 n D h d_h), its scores (2 n h d_h) and the fusion of the dropped tokens (at most 2 n D)."""
+    inner = attn.num_heads * attn.head_dim
+    return 2 * attn.dim * inner + n * (2 * attn.kv_dim * inner + 2 * inner + 2 * attn.dim)
+
+
+def head_trimmer_flops(trimmer: HeadTrimmer | StaticHeadGate) -> int:
+    if isinstance(trimmer, StaticHeadGate):  # logits shared by every input: nothing computed per input
+        return 0
     hidden = trimmer.global_proj.out_features
     cross = 2 * trimmer.cross.in_features * hidden if trimmer.cross is not None else 0
     return 2 * trimmer.global_proj.in_features * hidden + cross + 2 * hidden * trimmer.num_heads

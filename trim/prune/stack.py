@@ -25,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from trim.nn.tokens import TokenSet
-from trim.prune.cost import CostMeter, block_flops, core_pairs, head_trimmer_flops, token_trimmer_flops
-from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run
+from trim.prune.cost import (CostMeter, block_flops, core_pairs, first_token_attention_flops, head_trimmer_flops,
+                             token_trimmer_flops)
+from trim.prune.evit import EvitTrimmer, block_attention
+from trim.prune.trimmers import Trimmer, heads_to_run
 
 TRIM_MODES = ("train", "masked", "eval", "off")
 LAYOUTS = ("auto", "packed", "padded")  # how trim="eval" holds the kept tokens
@@ -95,11 +97,17 @@ class TokenStep:
     overhead: Tensor | float  # trimmer FLOPs
 
 
-def trim_tokens(trimmer: TokenTrimmer | None, tokens: TokenSet, mode: str, *, tau: float = 1.0,
-                own: Tensor | None = None, other: Tensor | None = None) -> TokenStep:
-    """Apply one layer's token trimmer (or nothing) in the given trimming mode."""
+def trim_tokens(trimmer: Trimmer | None, tokens: TokenSet, mode: str, *, tau: float = 1.0,
+                own: Tensor | None = None, other: Tensor | None = None, block: nn.Module | None = None) -> TokenStep:
+    """Apply one layer's token trimmer (or nothing) in the given trimming mode; ``block``: the
+    block it decides for (EViT reads that block's attention)."""
     if trimmer is None or mode == "off":
         return TokenStep(tokens, None, 0.0)
+    if isinstance(trimmer, EvitTrimmer):  # drops and fuses in one step: the count it returns is exact
+        if block is None:
+            raise ValueError("an EViT trimmer reads its block's attention: pass block=")
+        overhead = first_token_attention_flops(block_attention(block), tokens.kept_counts().detach())
+        return TokenStep(trimmer(tokens, block), None, overhead)
     decision, prob = trimmer(tokens, other, own=own, decision=trimmer_decision(mode), tau=tau)
     overhead = token_trimmer_flops(trimmer, tokens.kept_counts().detach())
     expected = expected_tokens(tokens, prob) if mode == "train" else None
@@ -116,7 +124,7 @@ class HeadStep:
     overhead: Tensor | float
 
 
-def trim_heads(trimmer: HeadTrimmer | None, num_heads: int, pooled: Tensor, mode: str, *, tau: float = 1.0,
+def trim_heads(trimmer: Trimmer | None, num_heads: int, pooled: Tensor, mode: str, *, tau: float = 1.0,
                other: Tensor | None = None, packed: bool = False, per_sample: bool = True) -> HeadStep:
     """Apply one attention layer's head trimmer (or nothing) in the given trimming mode.
 
@@ -155,8 +163,8 @@ def token_cost(tokens: TokenSet, step: TokenStep) -> Tensor | float:
 class TrimmedStack(nn.Module):
     """Blocks plus optional token/head trimmers keyed by layer index."""
 
-    def __init__(self, blocks: list[nn.Module], *, token_trimmers: dict[int, TokenTrimmer] | None = None,
-                 head_trimmers: dict[int, HeadTrimmer] | None = None) -> None:
+    def __init__(self, blocks: list[nn.Module], *, token_trimmers: dict[int, Trimmer] | None = None,
+                 head_trimmers: dict[int, Trimmer] | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.token_trimmers = nn.ModuleDict({str(k): v for k, v in (token_trimmers or {}).items()})
@@ -183,7 +191,7 @@ class TrimmedStack(nn.Module):
             key = str(i)
             own, other_now = condition(tokens) if condition is not None and mode != "off" else (None, other)
             tok = trim_tokens(self.token_trimmers[key] if key in self.token_trimmers else None, tokens, mode,
-                              tau=tau, own=own, other=other_now)
+                              tau=tau, own=own, other=other_now, block=block)
             tokens = tok.tokens
             pooled = tokens.mean() if own is None or key not in self.head_trimmers else own
             head = trim_heads(self.head_trimmers[key] if key in self.head_trimmers else None, _num_heads(block),

@@ -23,6 +23,9 @@ themselves, and the shift is what calibration fits after training (``calibrate.p
 
 Both start as no-ops (design invariant 3): the last layer's weights are zero and its bias
 is ``init_logit`` > 0, so every token and head is kept until training says otherwise.
+
+`Trimmer` is the base of every module that decides what a layer keeps: these two and the
+baselines' replacements (`trim.prune.policies`); `trimmer_modules` finds them all.
 """
 
 from __future__ import annotations
@@ -54,14 +57,33 @@ def _shifted(trimmer: nn.Module, logits: Tensor, decision: str) -> Tensor:
     return logits + shift if decision == "threshold" and shift else logits
 
 
-def _forced_topk(logits: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
+def top_k_mask(logits: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
     """Keep the k highest-logit eligible entries per row (k: (B,) long)."""
     scores = logits.masked_fill(~eligible, float("-inf"))
-    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    # Stable: ties (a fresh trimmer's equal logits) go to the earlier token in every layout alike.
+    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
     return (rank < k[:, None]) & eligible
 
 
-class TokenTrimmer(nn.Module):
+class Trimmer(nn.Module):
+    """Base of every keep-deciding module (parameter groups, freezing and fresh checkpoint keys follow it)."""
+
+
+def head_decisions(logits: Tensor, *, decision: str, tau: float, min_keep: int) -> Tensor:
+    """Head keep decisions from (B, H) logits: Gumbel samples with straight-through gradients
+    (``"sample"``) or ``logit > 0`` as float 0/1 (``"threshold"``); at least ``min_keep`` per row."""
+    _check_decision(decision)
+    b = logits.shape[0]
+    everything = torch.ones_like(logits, dtype=torch.bool)
+    sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
+    hard = sample > 0.5 if sample is not None else deterministic(logits)
+    hard = hard | top_k_mask(logits, everything, torch.full((b,), min_keep, device=logits.device))
+    if sample is not None:
+        return straight_through(hard, sample)
+    return hard.to(logits.dtype)
+
+
+class TokenTrimmer(Trimmer):
     """Per-token keep decisions conditioned on the token, its modality and the other modality."""
 
     def __init__(self, dim: int, other_dim: int | None = None, *, hidden: int | None = None,
@@ -109,12 +131,12 @@ class TokenTrimmer(nn.Module):
         if self.forced_ratio is not None:
             ratio = torch.as_tensor(self.forced_ratio, dtype=logits.dtype, device=logits.device)
             k = torch.ceil(prunable.sum(1) * ratio).long().clamp_min(min(self.min_keep, 1))
-            hard = _forced_topk(logits, prunable, torch.minimum(k, prunable.sum(1)))
+            hard = top_k_mask(logits, prunable, torch.minimum(k, prunable.sum(1)))
         else:
             sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
             hard = sample > 0.5 if sample is not None else deterministic(logits)
             floor = torch.clamp(prunable.sum(1), max=self.min_keep)
-            hard = hard | _forced_topk(logits, prunable, floor)
+            hard = hard | top_k_mask(logits, prunable, floor)
         hard = hard | tokens.protect | ~alive  # never prune special tokens; leave padding to its mask
         if decision == "sample":
             surrogate = prob if sample is None else sample
@@ -122,7 +144,7 @@ class TokenTrimmer(nn.Module):
         return hard, prob
 
 
-class HeadTrimmer(nn.Module):
+class HeadTrimmer(Trimmer):
     """Per-sample keep decisions over the H heads of one attention layer."""
 
     def __init__(self, dim: int, num_heads: int, other_dim: int | None = None, *, hidden: int | None = None,
@@ -154,18 +176,11 @@ class HeadTrimmer(nn.Module):
         _check_decision(decision)
         logits = _shifted(self, self.logits(pooled, other), decision)
         prob = torch.sigmoid(logits)
-        everything = torch.ones_like(logits, dtype=torch.bool)
-        b = logits.shape[0]
-        sample = None
         if self.forced_heads is not None:
+            b = logits.shape[0]
             k = torch.as_tensor(self.forced_heads, device=logits.device).long().expand(b).clamp(1, self.num_heads)
-            return _forced_topk(logits, everything, k).to(logits.dtype), prob
-        sample = gumbel_sigmoid(logits, tau, hard=False) if decision == "sample" else None
-        hard = sample > 0.5 if sample is not None else deterministic(logits)
-        hard = hard | _forced_topk(logits, everything, torch.full((b,), self.min_keep, device=logits.device))
-        if decision == "sample":
-            return straight_through(hard, sample), prob
-        return hard.to(logits.dtype), prob
+            return top_k_mask(logits, torch.ones_like(logits, dtype=torch.bool), k).to(logits.dtype), prob
+        return head_decisions(logits, decision=decision, tau=tau, min_keep=self.min_keep), prob
 
 
 def heads_to_run(head_mask: Tensor) -> Tensor | None:
@@ -175,8 +190,8 @@ def heads_to_run(head_mask: Tensor) -> Tensor | None:
 
 
 def trimmer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every token and head trimmer in ``model``: the one definition of
-    "a trimmer" that parameter groups, freezing and checkpoint loading use."""
+    """``(name, module)`` of every token and head trimmer in ``model`` (any `Trimmer`): the one
+    definition of "a trimmer" that parameter groups, freezing and checkpoint loading use."""
     for name, module in model.named_modules():
-        if isinstance(module, (TokenTrimmer, HeadTrimmer)):
+        if isinstance(module, Trimmer):
             yield name, module

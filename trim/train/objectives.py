@@ -33,6 +33,14 @@ trimmers (if any) are frozen.
 Task losses follow ViLT / METER: VQA = BCE-with-logits on the soft scores, mean over
 answers times the number of answers; NLVR2 / ITM = cross-entropy.
 
+Baselines (``method: text_agnostic | static_heads | fixed_ratio | random | evit``): the same loss
+and schedules as SmartTrim, on the model's baseline trimmers (the method sets
+``model.trim.policy``; `trim.prune.policies` describes each). ``fixed_ratio``, ``random`` and
+``evit`` keep a fixed ratio r of tokens instead of deciding a count per input: before each
+step r is set so that the model's cost equals ``target(step)`` (`trim.prune.keep_ratio`,
+tabulated on the first batch); their cost term is then ~0 and carries no gradient. They are
+not calibrated after training (``calibrates = False``): r already meets the target.
+
 Later methods register themselves in ``METHODS`` with ``@register("name")``.
 """
 
@@ -50,6 +58,7 @@ from torch import Tensor
 from trim.prune.curriculum import Curriculum
 from trim.prune.distill import bce_sigmoid, hidden_cosine, kl_logits
 from trim.prune.gumbel import TemperatureSchedule
+from trim.prune.keep_ratio import KeepRatioSchedule, fit_keep_ratio, set_keep_ratio
 
 METHODS: dict[str, type[Objective]] = {}
 
@@ -115,6 +124,7 @@ def keep_probabilities(model: torch.nn.Module) -> Iterator[list[Tensor]]:
     dropped tokens have no decision to make); head trimmers every head.
     """
     from trim.prune import HeadTrimmer, TokenTrimmer
+    from trim.prune.static_heads import StaticHeadGate
 
     found: list[Tensor] = []
 
@@ -129,7 +139,7 @@ def keep_probabilities(model: torch.nn.Module) -> Iterator[list[Tensor]]:
     for m in model.modules():
         if isinstance(m, TokenTrimmer):
             handles.append(m.register_forward_hook(token_hook))
-        elif isinstance(m, HeadTrimmer):
+        elif isinstance(m, (HeadTrimmer, StaticHeadGate)):
             handles.append(m.register_forward_hook(head_hook))
     try:
         yield found
@@ -150,6 +160,7 @@ class Objective:
     name = "base"
     trains_trimmers = False
     needs_teacher = False
+    calibrates = True  # whether the final checkpoint's logit-shift calibration applies (trim.prune.calibrate)
 
     def __init__(self, cfg: Any, *, task: str) -> None:
         self.cfg = cfg
@@ -170,6 +181,10 @@ class Objective:
 
     def set_step(self, step: int) -> None:
         """Schedules read ``step`` = optimizer steps completed before the current one."""
+
+    def sync_model(self, model: torch.nn.Module) -> None:
+        """Bring model state that follows the schedules (a fixed keep ratio) to the current step's,
+        so that evaluation and checkpoints see it; called after every optimizer step."""
 
     # the loss ---------------------------------------------------------------
     def __call__(self, model: Callable, batch: dict, step: int, *, teacher: Callable | None = None,
@@ -252,6 +267,65 @@ class SmartTrim(Objective):
         terms["loss"] = float(loss.detach())
         terms.update(kept_counts(out.records))
         return StepResult(loss, terms, out)
+
+
+@register("text_agnostic")
+class TextAgnostic(SmartTrim):
+    """SmartTrim's losses on trimmers that see their own modality only (DynamicViT-style)."""
+
+
+@register("static_heads")
+class StaticHeads(SmartTrim):
+    """SmartTrim's losses with one learned head set shared by every input."""
+
+
+class KeepRatioObjective(SmartTrim):
+    """SmartTrim's losses on trimmers that keep a fixed ratio r, set from ``target(step)`` each step."""
+
+    calibrates = False
+
+    def __init__(self, cfg: Any, *, task: str) -> None:
+        super().__init__(cfg, task=task)
+        self.schedule: KeepRatioSchedule | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.schedule is not None:
+            state["keep_ratio"] = self.schedule.to_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "keep_ratio" in state:
+            self.schedule = KeepRatioSchedule.from_dict(state["keep_ratio"])
+
+    def sync_model(self, model: torch.nn.Module) -> None:
+        if self.schedule is not None:
+            set_keep_ratio(model, self.schedule.ratio(self.target(self.curriculum.step)))
+
+    def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
+        if self.schedule is None:  # the table depends on shapes only: one batch fits it for the whole run
+            self.schedule = fit_keep_ratio(model, batch, self.cfg.target, mean=global_mean)
+        ratio = self.schedule.ratio(self.target(step))
+        set_keep_ratio(model, ratio)
+        result = super().__call__(model, batch, step, teacher=teacher, global_mean=global_mean)
+        result.terms["keep_ratio"] = ratio
+        return result
+
+
+@register("fixed_ratio")
+class FixedRatio(KeepRatioObjective):
+    """SmartTrim's trimmers keeping their top k(n, r) tokens and heads per input."""
+
+
+@register("random")
+class RandomKeep(KeepRatioObjective):
+    """A random k(n, r) tokens per input, every head."""
+
+
+@register("evit")
+class Evit(KeepRatioObjective):
+    """EViT: the top k(n, r) tokens by [CLS] attention, the rest fused into one."""
 
 
 def build_objective(cfg: Any, task: str) -> Objective:

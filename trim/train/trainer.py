@@ -33,6 +33,7 @@ from trim.models.base import MODEL_INPUTS
 from trim.models.io import (WEIGHTS_NAME, load_model, load_weights, read_weights, resolve_checkpoint, transfer_weights,
                             trimmer_keys, write_calibration)
 from trim.prune.calibrate import calibrate, held_out_inputs
+from trim.prune.keep_ratio import CALIBRATION_SKIPPED, model_keep_ratio
 from trim.ranks import rank_and_world, rank_slice, slice_batch
 from trim.train.checkpoint import STATE_NAME, CheckpointIO, fault_point, latest_checkpoint, list_checkpoints
 from trim.train.data import DataSources, TrainStream, add_reads, batch_size_of, no_reads
@@ -393,6 +394,7 @@ class Trainer:
         self.reads_before = state.get("train_reads", no_reads()) if shared else no_reads()
         self.last_saved = self.step if resume_dir is not None else -1
         self.objective.set_step(self.step)
+        self.objective.sync_model(self.unwrapped)
         if self.main and resume_dir is not None:
             log.info("resumed from %s at step %d (target %.4f)", resume_dir, self.step, self.objective.target(self.step))
 
@@ -437,6 +439,10 @@ class Trainer:
         r = self.recipe
         if not self.objective.trains_trimmers or self.val_factory is None or not r.objective.calibration_samples:
             return None
+        if not self.objective.calibrates:
+            if self.main:
+                log.info("calibration skipped (objective.method=%s): %s", r.objective.method, CALIBRATION_SKIPPED)
+            return {"skipped": CALIBRATION_SKIPPED, "keep_ratio": model_keep_ratio(self.unwrapped)}
         result = None
         if self.main:
             step_dir = latest_checkpoint(self.run_dir)
@@ -474,6 +480,7 @@ class Trainer:
         self.step += 1
         self.samples += self.global_batch
         self.objective.set_step(self.step)
+        self.objective.sync_model(self.unwrapped)
         dt = time.perf_counter() - t0
         self.step_times.append(dt)
         for k, v in micro.items():
