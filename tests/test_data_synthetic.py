@@ -200,3 +200,37 @@ def test_answer_normalisation_and_scores():
     assert normalize_answer("1,000") == "1000" and normalize_answer("2.5") == "2.5" and normalize_answer("2.") == "2"
     assert [soft_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
     assert build_answer_vocab(["yes"] * 10 + ["no"] * 8 + ["Two"] * 5 + ["2."] * 4) == ["yes", "2"]
+
+
+def test_world_knobs_set_object_counts_and_sizes():
+    from trim.data.synthetic import SIZES, World, make_scene, rng_for, STREAM_SCENE
+
+    world = World(min_objects=1, max_objects=2, size_scale=1.5)
+    scenes = [make_scene(rng_for(0, STREAM_SCENE, "train", i), 64, world=world) for i in range(40)]
+    counts = {len(s.objects) for s in scenes}
+    assert counts == {1, 2}
+    radii = {round(o.r, 2) for s in scenes for o in s.objects}
+    assert radii == {round(SIZES[k] * 1.5 * 64, 2) for k in SIZES}
+    # the default world is unchanged: 3-6 objects at the base radii
+    default = [make_scene(rng_for(0, STREAM_SCENE, "train", i), 64) for i in range(40)]
+    assert min(len(s.objects) for s in default) >= 3 and max(len(s.objects) for s in default) <= 6
+    assert {round(o.r, 2) for s in default for o in s.objects} == {round(SIZES[k] * 64, 2) for k in SIZES}
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_objects=0), dict(min_objects=4, max_objects=3), dict(size_scale=3.0)])
+def test_world_rejects_impossible_settings(kwargs):
+    from trim.data.synthetic import World
+
+    with pytest.raises(ValueError, match="objects|size_scale"):
+        World(**kwargs)
+
+
+def test_synth_cli_records_the_world_and_names_bad_flags(tmp_path, capsys):
+    from trim.data.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "w"), "--train", "6", "--val", "0", "--test", "0", "--tasks", "vqa",
+                 "--min-objects", "1", "--max-objects", "2", "--size-scale", "1.5", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert manifest["sources"]["vqa"]["train"]["world"] == {"min_objects": 1, "max_objects": 2, "size_scale": 1.5}
+    assert main(["synth", "--out", str(tmp_path / "x"), "--min-objects", "5", "--max-objects", "2", "--quiet"]) == 2
+    assert "--min-objects" in capsys.readouterr().err

@@ -100,3 +100,33 @@ def test_config_rejects_impossible_layers():
         cfg.validate()
     with pytest.raises(ConfigError, match="model.vision.widht is not a known key"):
         ModelConfig.from_dict({"vision": {"widht": 3}})
+
+
+def test_conv_stem_keeps_the_token_grid_and_masked_equals_physical():
+    cfg = ModelConfig(family="dual", task="vqa", num_labels=7, trim=TRIM["dual"])
+    cfg.vision.layers, cfg.vision.stem = 3, "conv"
+    model = create_model(cfg).eval()
+    stem = model.vision.embed.proj
+    strided = [m for m in stem if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 3  # log2(patch_size 8)
+    pixels = torch.randn(2, 3, 64, 64)
+    assert model.vision.embed(pixels).shape == (2, cfg.vision.num_tokens, cfg.vision.width)
+    # one sample's tokens do not depend on the rest of its batch (no BatchNorm statistics)
+    torch.testing.assert_close(model.vision.embed(pixels[:1]), model.vision.embed(pixels)[:1])
+    randomise_trimmers(model)
+    data = batch("vqa")
+    with torch.no_grad():
+        torch.testing.assert_close(model(data, trim="eval").logits, model(data, trim="masked").logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"stem": "resnet"}, "model.vision.stem='resnet'"),
+    ({"stem": "conv", "patch_size": 6, "image_size": 60}, "power of two"),
+])
+def test_config_rejects_bad_stems(change, message):
+    cfg = ModelConfig(family="dual")
+    for key, value in change.items():
+        setattr(cfg.vision, key, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
