@@ -18,13 +18,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trim.train.cli:main", "train from a recipe: trim train RECIPE.yaml [key=value ...]"),
     "eval": ("trim.eval.cli:main", "evaluate a checkpoint: trim eval CKPT --task vqa|nlvr2|seg --data SHARDS "
                                       "(`trim eval report`, `trim eval score`)"),
+    "pretrain-vision": ("trim.train.pretrain_vision:main", "train a recipe's vision tower on the synthetic world's "
+                                                           "patch attributes: trim pretrain-vision RECIPE --data SHARDS --out DIR"),
     "calibrate": ("trim.eval.calibrate:main", "fit the budget a checkpoint keeps: trim calibrate CKPT --data SHARDS"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: trim <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -190,9 +190,13 @@ class Decoder:
             "points": torch.tensor([p[0] for p in points], dtype=torch.float32).reshape(-1, 2) * scale[:2],
             "areas": areas,
             "image_id": info.get("image_id", sample.get("__key__")),
+            # The synthetic world's extra keys (trim pretrain-vision); None for real SA-1B / COCO.
+            "attributes": [{k: a[k] for k in ATTRIBUTE_KEYS} for a in annotations]
+            if all(k in a for a in annotations for k in ATTRIBUTE_KEYS) else None,
         }
 
 
+ATTRIBUTE_KEYS = ("shape", "color", "size")
 VQA_LIST_KEYS = ("question_id", "answers", "question_type", "answer_type", "question", "image_id")
 
 
@@ -252,5 +256,5 @@ class Collate:
             }
         return {
             "pixel_values": self._pixels([s["image"] for s in samples]),
-            **{k: [s[k] for s in samples] for k in ("masks", "boxes", "points", "areas", "image_id")},
+            **{k: [s[k] for s in samples] for k in ("masks", "boxes", "points", "areas", "image_id", "attributes")},
         }
