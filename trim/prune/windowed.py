@@ -38,7 +38,7 @@ from trim.prune.trimmers import TokenTrimmer, _check_decision, _shifted
 class WindowStep:
     keep: Tensor  # (B, nW, K) what `WindowSlots.prune` takes: bool, or float straight-through (training)
     count: Tensor  # (B,) slots kept per window
-    cost_count: Tensor  # (B,) float: kept per window as the cost counts it (expected in training)
+    cost_count: Tensor  # (B,) float: kept per window as the cost counts it (expected under sampling)
 
 
 def rank_slots(scores: Tensor, alive: Tensor, real: Tensor) -> Tensor:
@@ -100,7 +100,7 @@ class WindowTokenTrimmer(TokenTrimmer):
         count = torch.minimum(torch.maximum(count, floor), per_window)
         hard = (rank_slots(rank_by, alive, real) < count[:, None, None]) & alive
         if decision != "sample":
-            return WindowStep(hard, count, cost_count.detach())
+            return WindowStep(hard, count, count.to(logits.dtype))
         surrogate = torch.where(candidates, sample if sample is not None else torch.sigmoid(logits),
                                 torch.ones_like(logits))
         return WindowStep(straight_through(hard, surrogate), count, cost_count.clamp_min(floor.to(logits.dtype)))
