@@ -1,7 +1,8 @@
 """`trim bench`: wall-clock full vs trimmed.
 
-`trim bench core` times the bare prunable core; `trim bench CHECKPOINT_OR_RECIPE` times a
-model (see `trim.eval.bench_model`).
+`trim bench core` times the bare prunable core; `trim bench sam` a SAM image encoder with
+window-wise trimming and big.LITTLE (`trim.eval.bench_sam`); `trim bench CHECKPOINT_OR_RECIPE`
+times a model (see `trim.eval.bench_model`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ def main(argv: list[str]) -> int:
         from trim.eval.bench_core import main as core_main
 
         return core_main(argv[1:])
+    if argv and argv[0] == "sam":
+        from trim.eval.bench_sam import main as sam_main
+
+        return sam_main(argv[1:])
     from trim.eval.bench_model import main as model_main
 
     return model_main(argv)
