@@ -127,8 +127,8 @@ class SamImageEncoder(nn.Module):
     def full_flops(self) -> int:
         """FLOPs of the untrimmed encoder on one image: patch embedding, blocks, neck."""
         g = self.cfg.grid
-        ends = conv_flops(self.patch_embed, g, g) + conv_flops(self.neck.conv1, g, g) + conv_flops(self.neck.conv2, g, g)
-        return ends + sum(self.plain_block_flops(block) for block in self.blocks)
+        ends = [conv_flops(conv, g, g) for conv in (self.patch_embed, self.neck.conv1, self.neck.conv2)]
+        return sum(ends) + sum(self.plain_block_flops(block) for block in self.blocks)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, pixels: Tensor, *, trim: str = "off", tau: float = 1.0,
@@ -225,7 +225,8 @@ class Sam(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.image_encoder = SamImageEncoder(cfg.sam.encoder, cfg.sam.trim, cfg.trim, prompt_dim=cfg.sam.encoder.out_chans)
+        self.image_encoder = SamImageEncoder(cfg.sam.encoder, cfg.sam.trim, cfg.trim,
+                                             prompt_dim=cfg.sam.encoder.out_chans)
         self.prompt_encoder, self.mask_decoder = prompt_modules(cfg.sam.encoder, cfg.sam.decoder)
 
     def image_embeddings(self, images: Tensor) -> Tensor:

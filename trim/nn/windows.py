@@ -61,7 +61,8 @@ class WindowGeometry:
     def __init__(self, height: int, width: int, window: int) -> None:
         self.height, self.width = height, width
         self.window = window or max(height, width)
-        self.rows, self.cols = padded_size(height, self.window) // self.window, padded_size(width, self.window) // self.window
+        self.rows = padded_size(height, self.window) // self.window
+        self.cols = padded_size(width, self.window) // self.window
         self.count = self.rows * self.cols  # windows per image
         self.size = self.window**2  # slots per window
         self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}

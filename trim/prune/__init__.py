@@ -9,6 +9,6 @@ from trim.prune.stack import LAYOUTS, TRIM_MODES, LayerRecord, TrimmedStack, aut
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer, heads_to_run, trimmer_modules
 from trim.prune.windowed import WindowTokenTrimmer
 
-__all__ = ["LAYOUTS", "BigLittleRouter", "CostMeter", "Curriculum", "HeadTrimmer", "LayerRecord", "TRIM_MODES", "TemperatureSchedule",
-           "TokenTrimmer", "TrimmedStack", "WindowTokenTrimmer", "auto_layout", "block_flops", "feature_distillation",
+__all__ = ["LAYOUTS", "BigLittleRouter", "CostMeter", "Curriculum", "HeadTrimmer", "LayerRecord", "TRIM_MODES",
+           "TemperatureSchedule", "TokenTrimmer", "TrimmedStack", "WindowTokenTrimmer", "auto_layout", "block_flops", "feature_distillation",
            "gumbel_sigmoid", "heads_to_run", "little_from_big", "start_tokens", "trimmer_modules"]
