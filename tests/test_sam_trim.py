@@ -253,3 +253,27 @@ def test_window_trimmer_is_a_trimmer():
     names = {name for name, _ in trimmer_modules(sam(token_layers=[1], route_layers=[2]))}
     assert names == {"image_encoder.token_trimmers.1", "image_encoder.routers.2"}
     assert isinstance(sam(token_layers=[1]).image_encoder.token_trimmers["1"], WindowTokenTrimmer)
+
+
+def test_trimmed_sam_saves_loads_and_takes_plain_sam_weights(tmp_path):
+    """A checkpoint rebuilds its trimmers and routers from config.json; a plain SAM's weights go into a
+    trimmed one with the trimmers and routers fresh, and the E-blocks are rebuilt from the loaded blocks."""
+    from trim.models import load_model, save_model
+    from trim.models.io import transfer_weights
+    from trim.prune import little_from_big
+
+    model = sam(token_layers=[1], token_keep=0.5, route_layers=[2])
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    x = pixels(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, boxes=BOXES[:1], trim="eval").masks,
+                                   model(x, boxes=BOXES[:1], trim="eval").masks)
+    plain = sam()
+    fresh = transfer_weights(plain, model, source="plain sam")
+    assert fresh and all(".token_trimmers." in k or ".routers." in k for k in fresh)
+    model.image_encoder.init_little_from_big()
+    expected = sam(route_layers=[2]).image_encoder.routers["2"].little
+    little_from_big(expected, plain.image_encoder.blocks[2])
+    for a, b in zip(model.image_encoder.routers["2"].little.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b)
