@@ -112,9 +112,26 @@ class SamDecoderConfig:
 
 
 @dataclass
+class SamTrimConfig:
+    """Pruning of the SAM image encoder (docs/design.md, SAM section). Block indices are 0-based.
+
+    The trimmers' width, minimum kept tokens and starting logit are model.trim's ``hidden``,
+    ``min_keep_tokens`` (per window) and ``init_keep_logit``."""
+
+    token_layers: list[int] = field(default_factory=list)  # a window-wise token trimmer before each of these blocks
+    token_keep: float | None = None  # a fixed share of each window's tokens to keep; None: a learned count per image
+    prompt_aware: bool = False  # token trimmers also read the pooled prompt embedding (image embedding per prompt)
+    route_layers: list[int] = field(default_factory=list)  # big.LITTLE blocks (never block 0)
+    route_keep: float = 0.25  # share of each window's tokens (an image's, in global blocks) the P-block updates
+    little_width: float = 0.25  # E-block width / encoder width (in whole heads)
+    gamma_init: float = 1e-4  # E-block fusion scale at the start: tiny, so a routed block starts near the full one
+
+
+@dataclass
 class SamConfig:
     encoder: SamEncoderConfig = field(default_factory=SamEncoderConfig)
     decoder: SamDecoderConfig = field(default_factory=SamDecoderConfig)
+    trim: SamTrimConfig = field(default_factory=SamTrimConfig)
 
 
 @dataclass
@@ -231,8 +248,41 @@ class ModelConfig:
             raise ConfigError(f"model.sam.decoder.mask_in_chans={dec.mask_in_chans} must be a multiple of 4")
         trimmed = [k for k, v in dataclasses.asdict(self.trim).items() if k.endswith("_layers") and v]
         if trimmed:
-            raise ConfigError(f"model.trim.{trimmed[0]}={getattr(self.trim, trimmed[0])}: the sam family has no "
-                              "trimmers yet; leave model.trim's layer lists empty")
+            raise ConfigError(f"model.trim.{trimmed[0]}={getattr(self.trim, trimmed[0])}: the sam family places its "
+                              "trimmers in model.sam.trim (token_layers, route_layers); leave model.trim's layer "
+                              "lists empty")
+        self._validate_sam_trim()
+
+    def _validate_sam_trim(self) -> None:
+        enc, trim = self.sam.encoder, self.sam.trim
+        for key in ("token_layers", "route_layers"):
+            layers = getattr(trim, key)
+            for i, layer in enumerate(layers):
+                if not 0 <= layer < enc.depth:
+                    raise ConfigError(f"model.sam.trim.{key}[{i}]={layer} but the encoder has {enc.depth} blocks "
+                                      f"(0..{enc.depth - 1})")
+            if len(set(layers)) != len(layers):
+                raise ConfigError(f"model.sam.trim.{key}={layers} names a block twice; give each block once")
+        if 0 in trim.route_layers:
+            raise ConfigError("model.sam.trim.route_layers contains 0: the first block stays full (the predictor "
+                              "scores features a full block made); route blocks 1 and later")
+        if trim.token_keep is not None and not 0 < trim.token_keep <= 1:
+            raise ConfigError(f"model.sam.trim.token_keep={trim.token_keep}: give a share in (0, 1], or null for a "
+                              "learned count")
+        if not 0 < trim.route_keep <= 1:
+            raise ConfigError(f"model.sam.trim.route_keep={trim.route_keep}: give the share of tokens the P-block "
+                              "updates, in (0, 1] (bLViT: 0.25)")
+        heads = enc.heads * trim.little_width
+        if not 0 < trim.little_width < 1 or abs(heads - round(heads)) > 1e-6 or round(heads) < 1:
+            raise ConfigError(f"model.sam.trim.little_width={trim.little_width}: the E-block keeps whole heads, so "
+                              f"give a share in (0, 1) with heads x share a whole number (heads={enc.heads}; e.g. "
+                              f"{1 / enc.heads:g} per head)")
+        if trim.gamma_init < 0:
+            raise ConfigError(f"model.sam.trim.gamma_init={trim.gamma_init} must be >= 0 (tiny: 1e-4)")
+        if trim.prompt_aware and not trim.token_layers:
+            raise ConfigError("model.sam.trim.prompt_aware=true but model.sam.trim.token_layers is empty: the prompt "
+                              "conditions token trimmers; place some")
+
     def _validate_policy(self) -> None:
         from trim.prune.policies import HEAD_POLICIES, POLICIES, TOKEN_ONLY_POLICIES
 

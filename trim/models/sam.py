@@ -15,15 +15,18 @@ as transformers' ``SamModel`` takes them: P prompts per image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import Tensor, nn
 
-from trim.models.config import ModelConfig, SamDecoderConfig, SamEncoderConfig
-from trim.nn import WindowBlock
+from trim.models.config import ModelConfig, SamDecoderConfig, SamEncoderConfig, SamTrimConfig, TrimConfig
+from trim.nn import WindowBlock, WindowGeometry, WindowSlots
+from trim.prune import BigLittleRouter, WindowTokenTrimmer, little_from_big
+from trim.prune.cost import conv_flops, router_flops, token_trimmer_flops, window_block_flops
+from trim.prune.stack import check_mode, trimmer_decision
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -48,10 +51,29 @@ class Neck(nn.Module):
         return self.norm2(self.conv2(self.norm1(self.conv1(x.permute(0, 3, 1, 2)))))
 
 
-class SamImageEncoder(nn.Module):
-    """SAM's ViT image encoder: pixels (B, C, S, S) -> image embedding (B, out_chans, S / patch, S / patch)."""
+@dataclass
+class EncoderOutput:
+    embeddings: Tensor  # (B, out_chans, grid, grid)
+    cost_ratio: Tensor  # (B,) encoder FLOPs vs the untrimmed encoder; expected (differentiable) with trim="train"
 
-    def __init__(self, cfg: SamEncoderConfig) -> None:
+
+class SamImageEncoder(nn.Module):
+    """SAM's ViT image encoder: pixels (B, C, S, S) -> image embedding (B, out_chans, S / patch, S / patch).
+
+    With ``trim`` (`SamTrimConfig`) it also holds window-wise token trimmers
+    (`trim.prune.WindowTokenTrimmer`, in ``token_trimmers``, keyed by the block they precede) and
+    big.LITTLE routers (`trim.prune.BigLittleRouter`, in ``routers``, keyed by the block they
+    route). The blocks keep their names, so SAM checkpoints load into a trimmed encoder unchanged;
+    after loading pretrained blocks, `init_little_from_big` rebuilds the E-blocks from them.
+
+    ``forward(pixels, trim=...)``: ``off`` runs SAM's encoder as it is. Otherwise the blocks
+    before the first trimmer or router run on the grid, and from there on the tokens travel in
+    the window-slot layout (`trim.nn.WindowSlots`): masked in ``train`` / ``masked``, gathered in
+    ``eval``; pruned tokens rejoin the grid before the neck.
+    """
+
+    def __init__(self, cfg: SamEncoderConfig, trim: SamTrimConfig | None = None, trimmers: TrimConfig | None = None,
+                 prompt_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         grid = (cfg.grid, cfg.grid)
@@ -64,6 +86,26 @@ class SamImageEncoder(nn.Module):
                         grid=grid, use_rel_pos=cfg.use_rel_pos, act=cfg.act, eps=cfg.eps, qkv_bias=cfg.qkv_bias)
             for i in range(cfg.depth))
         self.neck = Neck(cfg.width, cfg.out_chans)
+        self.geometry = WindowGeometry(cfg.grid, cfg.grid, cfg.window_size)
+        trim, trimmers = trim or SamTrimConfig(), trimmers or TrimConfig()
+        self.token_trimmers = nn.ModuleDict({
+            str(i): WindowTokenTrimmer(cfg.width, prompt_dim if trim.prompt_aware else None, hidden=trimmers.hidden,
+                                       min_keep=trimmers.min_keep_tokens, init_logit=trimmers.init_keep_logit)
+            for i in trim.token_layers})
+        for trimmer in self.token_trimmers.values():
+            trimmer.forced_ratio = trim.token_keep
+        self.routers = nn.ModuleDict({
+            str(i): BigLittleRouter(self.blocks[i], keep=trim.route_keep, width=trim.little_width,
+                                    gamma_init=trim.gamma_init) for i in trim.route_layers})
+
+    @property
+    def prompt_aware(self) -> bool:
+        return any(t.cross is not None for t in self.token_trimmers.values())
+
+    def init_little_from_big(self) -> None:
+        """Rebuild every router's E-block from its (now loaded) P-block (`trim.prune.little_from_big`)."""
+        for key, router in self.routers.items():
+            little_from_big(router.little, self.blocks[int(key)])
 
     def embed(self, pixels: Tensor) -> Tensor:
         """Patch tokens as a (B, grid, grid, width) map, position embedding added."""
@@ -74,11 +116,62 @@ class SamImageEncoder(nn.Module):
         x = self.patch_embed(pixels).permute(0, 2, 3, 1)
         return x if self.pos_embed is None else x + self.pos_embed.to(x.dtype)
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    # -- cost ---------------------------------------------------------------------------
+    def plain_block_flops(self, block: WindowBlock) -> int:
+        """FLOPs of a block on the whole grid as SAM runs it (windowed attention over padded windows)."""
+        g = self.geometry
+        if block.window_size:
+            return window_block_flops(block, g.count, g.size, mlp_tokens=g.height * g.width)
+        return window_block_flops(block, 1, g.height * g.width)
+
+    def full_flops(self) -> int:
+        """FLOPs of the untrimmed encoder on one image: patch embedding, blocks, neck."""
+        g = self.cfg.grid
+        ends = [conv_flops(conv, g, g) for conv in (self.patch_embed, self.neck.conv1, self.neck.conv2)]
+        return sum(ends) + sum(self.plain_block_flops(block) for block in self.blocks)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, pixels: Tensor, *, trim: str = "off", tau: float = 1.0,
+                prompt: Tensor | None = None) -> EncoderOutput:
+        """``prompt`` (B, out_chans): the pooled prompt embedding prompt-aware trimmers read."""
+        check_mode(trim)
         x = self.embed(pixels)
-        for block in self.blocks:
+        b = x.shape[0]
+        special = [] if trim == "off" else sorted(int(i) for i in [*self.token_trimmers, *self.routers])
+        if not special:
+            for block in self.blocks:
+                x = block(x)
+            return EncoderOutput(self.neck(x), x.new_ones(b))
+        full = self.full_flops()
+        spent: Tensor | float = full - sum(self.plain_block_flops(block) for block in self.blocks[special[0]:])
+        for block in self.blocks[:special[0]]:
             x = block(x)
-        return self.neck(x)
+        slots = WindowSlots.start(x, self.geometry, physical=trim == "eval", soft=trim == "train")
+        g = self.geometry
+        real_per_window = g.real_per_window(x.device).to(x.dtype)
+        per_window = x.new_full((b,), float(g.size))  # alive slots per window, as the cost counts them
+        for i in range(special[0], len(self.blocks)):
+            block, key = self.blocks[i], str(i)
+            if key in self.token_trimmers:
+                trimmer = self.token_trimmers[key]
+                spent = spent + token_trimmer_flops(trimmer, per_window * g.count)
+                step = trimmer(slots, prompt, decision=trimmer_decision(trim), tau=tau)
+                slots = slots.prune(step.keep)
+                per_window = step.cost_count if trim != "eval" else x.new_full((b,), float(slots.x.shape[2]))
+            groups = slots.windows() if block.window_size else slots.image()
+            count, n = (g.count, per_window) if block.window_size else \
+                (1, torch.minimum(per_window[:, None], real_per_window).sum(1))
+            if trim == "eval" and not block.window_size:
+                n = x.new_full((b,), float(groups.x.shape[1]))  # what ran: padded to the batch's largest
+            if key in self.routers:
+                y = self.routers[key](block, groups)
+                spent = spent + router_flops(self.routers[key], block, count, n)
+            else:
+                y = block.forward_groups(groups.x, positions=groups.positions, keys=groups.keys,
+                                         padding=groups.padding, update=groups.update)
+                spent = spent + window_block_flops(block, count, n)
+            slots = slots.put(groups, y)
+        return EncoderOutput(self.neck(slots.to_grid()), spent / full)
 
 
 def prompt_modules(encoder: SamEncoderConfig, decoder: SamDecoderConfig) -> tuple[PromptEncoder, MaskDecoder]:
@@ -101,29 +194,72 @@ def prompt_modules(encoder: SamEncoderConfig, decoder: SamDecoderConfig) -> tupl
 class SamOutput:
     masks: Tensor  # (B, P, M, 4 * grid, 4 * grid) low-resolution mask logits; M = 1, or the multimask count
     iou: Tensor  # (B, P, M) predicted IoU of each mask
-    image_embeddings: Tensor  # (B, out_chans, grid, grid)
+    image_embeddings: Tensor  # (B, out_chans, grid, grid); prompt-aware trimming: (B * P, ...), image-major
+    cost_ratio: Tensor  # (B,) encoder FLOPs vs the untrimmed encoder (1 with trim="off"); expected with "train"
 
 
 class Sam(nn.Module):
-    """SAM-style model: ``forward(images, boxes=..., points=..., point_labels=...) -> SamOutput``."""
+    """SAM-style model: ``forward(images, boxes=..., points=..., point_labels=..., trim=..., tau=...) -> SamOutput``.
 
-    # Budget calibration (`trim.prune.calibrate`): none until the sam family has trimmers.
+    ``trim``: ``"off"`` (SAM as it is: the teacher), ``"train"`` (Gumbel decisions, masked
+    layout, expected cost with gradients), ``"masked"`` (deterministic decisions, masked layout)
+    or ``"eval"`` (deterministic decisions, kept tokens gathered: the fast path); ``tau``: the
+    Gumbel temperature in ``"train"``. Trimmers and routers are placed by ``model.sam.trim``
+    (`SamTrimConfig`); without any, every mode is ``"off"``.
+
+    What the segmentation objective reads: ``masks`` / ``iou`` (the decoder's), ``cost_ratio``
+    (per image, for the cost loss) and ``image_embeddings`` (the encoder's features: distil them
+    toward a trim="off" pass of the same model with `trim.prune.feature_distillation`).
+
+    Prompt-aware trimming (``model.sam.trim.prompt_aware``): the trimmers read the pooled prompt
+    embedding (the mean of the prompt encoder's sparse embeddings of a box and/or points), so the
+    image embedding depends on the prompt: each of an image's P prompts gets its own encoder pass
+    (``image_embeddings`` is then (B * P, ...), image-major, and ``cost_ratio`` the mean of the
+    image's passes, each relative to one full pass). Worth it for interactive, one prompt per image
+    use; many prompts per image pay P encoder passes where prompt-free trimming pays one.
+    """
+
+    # Budget calibration (`trim.prune.calibrate`): not fitted for the sam family yet.
     calibration = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.image_encoder = SamImageEncoder(cfg.sam.encoder)
+        self.image_encoder = SamImageEncoder(cfg.sam.encoder, cfg.sam.trim, cfg.trim,
+                                             prompt_dim=cfg.sam.encoder.out_chans)
         self.prompt_encoder, self.mask_decoder = prompt_modules(cfg.sam.encoder, cfg.sam.decoder)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
-        """Normalised pixels (B, C, S, S) -> image embeddings (B, out_chans, grid, grid)."""
-        return self.image_encoder(images)
+        """Normalised pixels (B, C, S, S) -> image embeddings (B, out_chans, grid, grid), untrimmed."""
+        return self.image_encoder(images).embeddings
 
     def forward(self, images: Tensor, *, boxes: Tensor | None = None, points: Tensor | None = None,
-                point_labels: Tensor | None = None, multimask_output: bool = False) -> SamOutput:
-        return self.predict(self.image_embeddings(images), boxes=boxes, points=points, point_labels=point_labels,
-                            multimask_output=multimask_output)
+                point_labels: Tensor | None = None, multimask_output: bool = False, trim: str = "off",
+                tau: float = 1.0) -> SamOutput:
+        prompts = dict(boxes=boxes, points=points, point_labels=point_labels, multimask_output=multimask_output)
+        if trim == "off" or not self.image_encoder.prompt_aware:
+            encoded = self.image_encoder(images, trim=trim, tau=tau)
+            out = self.predict(encoded.embeddings, **prompts)
+            return replace(out, cost_ratio=encoded.cost_ratio)
+        # One encoder pass per prompt, conditioned on it; then each pass decodes its own prompt.
+        b = images.shape[0]
+        labels = _check_prompts(b, boxes, points, point_labels)
+        p = (boxes if boxes is not None else points).shape[1]
+        pooled = self.pooled_prompts(boxes, points, labels)
+        encoded = self.image_encoder(images.repeat_interleave(p, 0), trim=trim, tau=tau, prompt=pooled.flatten(0, 1))
+        one_each = {k: None if v is None else v.flatten(0, 1)[:, None]
+                    for k, v in dict(boxes=boxes, points=points, point_labels=labels).items()}
+        out = self.predict(encoded.embeddings, **one_each, multimask_output=multimask_output)
+        return SamOutput(out.masks.view(b, p, *out.masks.shape[2:]), out.iou.view(b, p, -1), encoded.embeddings,
+                         encoded.cost_ratio.view(b, p).mean(1))
+
+    def pooled_prompts(self, boxes: Tensor | None, points: Tensor | None, labels: Tensor | None) -> Tensor:
+        """(B, P, out_chans): each prompt's sparse embeddings (box corners, points) averaged."""
+        b = (boxes if boxes is not None else points).shape[0]
+        pooled = [self.prompt_encoder(points=None if points is None else (points[i], labels[i]),
+                                      boxes=None if boxes is None else boxes[i], masks=None)[0].mean(1)
+                  for i in range(b)]
+        return torch.stack(pooled)
 
     def predict(self, image_embeddings: Tensor, *, boxes: Tensor | None = None, points: Tensor | None = None,
                 point_labels: Tensor | None = None, multimask_output: bool = False) -> SamOutput:
@@ -146,7 +282,8 @@ class Sam(nn.Module):
                                        multimask_output=multimask_output)
             masks.append(m)
             ious.append(iou)
-        return SamOutput(torch.stack(masks), torch.stack(ious), image_embeddings)
+        return SamOutput(torch.stack(masks), torch.stack(ious), image_embeddings,
+                         image_embeddings.new_ones(b))
 
 
 def _check_prompts(batch: int, boxes: Tensor | None, points: Tensor | None, labels: Tensor | None) -> Tensor | None:

@@ -75,13 +75,16 @@ class SliceableLinear(nn.Linear):
 
     ``layer(x)`` is exactly ``nn.Linear``. ``layer(x, rows=r)`` computes only output features
     ``r`` (``x @ W[r].T + b[r]``); ``layer(x, cols=c)`` reads only input features ``c``
-    (``x @ W[:, c].T + b``). The slicing happens inside this module's forward, so hooks and
+    (``x @ W[:, c].T + b``). ``rows`` may be a ``slice`` (a contiguous block, read as a view of
+    the weight: no copy). The slicing happens inside this module's forward, so hooks and
     ZeRO-3's parameter gathering see every read of the weights.
     """
 
-    def forward(self, x: Tensor, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rows: Tensor | slice | None = None, cols: Tensor | None = None) -> Tensor:
         w, b = self.weight, self.bias
-        if rows is not None:
+        if isinstance(rows, slice):
+            w, b = w[rows], None if b is None else b[rows]
+        elif rows is not None:
             w = w.index_select(0, rows)
             b = None if b is None else b.index_select(0, rows)
         if cols is not None:
@@ -185,6 +188,20 @@ class Attention(nn.Module):
         return (self._linear("q_proj", x, rows=rows), self._linear("k_proj", context, rows=rows),
                 self._linear("v_proj", context, rows=rows))
 
+    def _project_semi_cross(self, x: Tensor, context: Tensor, heads: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q of the query subset ``x``, k and v of every token (fused qkv, ``query_index``).
+
+        A plain projection computes only the rows it needs (q rows for the subset, k/v rows for
+        every token: the cost big.LITTLE's P-block is counted at); an adapter around it runs whole.
+        """
+        if heads is None and type(self.qkv) is SliceableLinear:
+            d = self.inner_dim
+            kv = self.qkv(context, rows=slice(d, 3 * d))
+            return self.qkv(x, rows=slice(0, d)), kv[..., :d], kv[..., d:]
+        q, _, _ = self._project(x, x, heads)
+        _, k, v = self._project(context, context, heads)
+        return q, k, v
+
     def _split_heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
         return t.view(b, n, -1, self.head_dim).transpose(1, 2)
@@ -243,8 +260,7 @@ class Attention(nn.Module):
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         if self.fused_qkv and query_index is not None:
             # Queries come from a subset but keys/values from every token: project separately.
-            q, _, _ = self._project(x, x, heads)
-            _, k, v = self._project(context, context, heads)
+            q, k, v = self._project_semi_cross(x, context, heads)
         else:
             q, k, v = self._project(x, context, heads)
         q, k, v = (self._split_heads(t) for t in (q, k, v))

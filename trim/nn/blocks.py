@@ -6,7 +6,9 @@ so a token dropped in one layer stays dropped in every later layer. A float ``ke
 (0/1 with straight-through gradients, training) gates the update softly; a bool ``keep``
 (inference, usually the padding mask of gathered tokens) selects. Packed tokens
 (``packing`` given, see `trim.nn.tokens`) are all alive and take no ``keep``.
-`WindowBlock` (SAM's image-grid block) takes no ``keep`` yet: it runs every token.
+`WindowBlock` (SAM's image-grid block) runs a whole (B, H, W, C) grid in ``forward`` and any
+groups of its tokens (kept slots of windows, an image's kept tokens) in ``forward_groups``;
+`LittleBlock` is big.LITTLE's narrow E-block (`trim.prune.routing`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,54 @@ class WindowBlock(nn.Module):
             h = self.attn(h.reshape(b, height * width, c)).view_as(x)
         x = x + h
         return x + self.mlp(self.norm2(x))
+
+    def forward_groups(self, x: Tensor, *, positions: Tensor | None = None, keys: Tensor | None = None,
+                       padding: Tensor | None = None, update: Tensor | None = None) -> Tensor:
+        """The block on (G, N, C) groups of tokens that attend among themselves (the kept slots of
+        each window, or an image's kept tokens for a global block), at ``positions`` (G or 1, N, 2)
+        on the attention's grid (None: the whole grid in row-major order).
+
+        ``keys`` (G, N): which tokens may be attended (float 0/1 with straight-through gradients in
+        training); ``padding`` (G, N) bool: window padding, whose normed value is zero as SAM pads
+        after the norm; ``update`` (G, N): which tokens take the block's output (the rest pass
+        through unchanged).
+        """
+        h = self.norm1(x)
+        if padding is not None:
+            h = h.masked_fill(padding[..., None], 0.0)
+        positions = positions if self.attn.rel_pos is not None else None
+        h = x + self.attn(h, key_keep=keys, positions=positions)
+        return gate(h + self.mlp(self.norm2(h)), x, update)
+
+
+class LittleBlock(nn.Module):
+    """big.LITTLE's efficiency block (E-block): a pre-norm block at the main width ``dim`` outside
+    and a narrow width inside (`trim.prune.routing`).
+
+    Attention reads and writes ``dim`` with ``num_heads`` heads of ``head_dim`` (fewer heads than
+    the full block: a narrow inner width); the MLP runs at ``inner`` with linear maps from and back
+    to ``dim`` around it. `update` returns the block's residual update, which the router scales.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, inner: int, mlp_ratio: float = 4.0, *,
+                 rel_pos_size: tuple[int, int] | None = None, act: str = "gelu", eps: float = 1e-6,
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, head_dim=head_dim, qkv_bias=qkv_bias, rel_pos_size=rel_pos_size)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.down = nn.Linear(dim, inner)
+        self.mlp = Mlp(inner, int(inner * mlp_ratio), act=act)
+        self.up = nn.Linear(inner, dim)
+
+    def update(self, x: Tensor, *, positions: Tensor | None = None, keys: Tensor | None = None,
+               padding: Tensor | None = None) -> Tensor:
+        """The residual update of every token of the (G, N, dim) groups (arguments as `WindowBlock.forward_groups`)."""
+        h = self.norm1(x)
+        if padding is not None:
+            h = h.masked_fill(padding[..., None], 0.0)
+        a = self.attn(h, key_keep=keys, positions=positions if self.attn.rel_pos is not None else None)
+        return a + self.up(self.mlp(self.down(self.norm2(x + a))))
 
 
 class PostNormBlock(nn.Module):

@@ -47,3 +47,43 @@ def grid_positions(height: int, width: int, device: torch.device | None = None) 
     rows = torch.arange(height, device=device).repeat_interleave(width)
     cols = torch.arange(width, device=device).repeat(height)
     return torch.stack([rows, cols], -1)
+
+
+class WindowGeometry:
+    """Where each slot of a windowed (H, W) grid lies: the fixed tables window-wise trimming reads.
+
+    A *slot* is one of the window² places of a window, in row-major order (`window_partition`'s
+    order); windows at the bottom and right hold padding slots beyond the grid. ``window=0``
+    (every block global) treats the whole grid as one window. Tables are built on first use per
+    device and cached.
+    """
+
+    def __init__(self, height: int, width: int, window: int) -> None:
+        self.height, self.width = height, width
+        self.window = window or max(height, width)
+        self.rows = padded_size(height, self.window) // self.window
+        self.cols = padded_size(width, self.window) // self.window
+        self.count = self.rows * self.cols  # windows per image
+        self.size = self.window**2  # slots per window
+        self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``real`` (nW, S + 1) bool: the slot holds a grid token; ``local`` (S + 1, 2) and ``image``
+        (nW, S + 1, 2) long: its (row, col) in its window and in the grid. The extra last slot is a
+        spare that carried padding points at (never real, position (0, 0)); image positions of
+        padding slots are clamped into the grid, so a global bias can be gathered for them."""
+        if device not in self._tables:
+            w, hp, wp = self.window, self.rows * self.window, self.cols * self.window
+            coords = grid_positions(hp, wp, device).view(1, hp, wp, 2)
+            image = window_partition(coords, w).view(self.count, self.size, 2)
+            real = (image[..., 0] < self.height) & (image[..., 1] < self.width)
+            image = torch.minimum(image, torch.tensor([self.height - 1, self.width - 1], device=device))
+            local = grid_positions(w, w, device)
+            spare = torch.zeros(1, 2, dtype=torch.long, device=device)
+            self._tables[device] = (F.pad(real, (0, 1)), torch.cat([local, spare]),
+                                    torch.cat([image, spare.expand(self.count, 1, 2)], 1))
+        return self._tables[device]
+
+    def real_per_window(self, device: torch.device) -> Tensor:
+        """(nW,) grid tokens in each window (fewer in padded windows)."""
+        return self.tables(device)[0].sum(1)

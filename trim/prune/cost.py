@@ -9,6 +9,13 @@ and MLP width ``F``:
     attention = 2 n D h d_h            (q)        + 4 m D_kv h d_h   (k, v)
               + 4 h n m d_h            (scores, weighted values) + 2 n h d_h D (output)
     mlp       = 4 n D F
+    rel-pos   = 2 h n d_h (2 rows - 1 + 2 cols - 1)   (SAM's decomposed bias over a rows x cols grid)
+    conv      = 2 H_out W_out C_out (C_in / groups) k_h k_w
+
+A windowed block (SAM) attends within windows of S slots, padding included, so its attention is
+counted per window and its MLP per token; big.LITTLE's routed blocks (`router_flops`) add the
+predictor (2 D per token), the P-block on the selected queries over every key and the narrow
+E-block on every token.
 
 Counts may be float tensors: expected kept counts from soft keep probabilities give a
 differentiable expected cost, which is what the cost loss trains on.
@@ -16,17 +23,19 @@ differentiable expected cost, which is what the cost loss trains on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from trim.nn.attention import Attention
-from trim.nn.blocks import CrossBlock, PostNormBlock, PreNormBlock
+from trim.nn.blocks import CrossBlock, LittleBlock, PostNormBlock, PreNormBlock, WindowBlock
 from trim.nn.mlp import Mlp
 from trim.nn.tokens import Packing
 from trim.prune.random_keep import RandomTokenTrimmer
 from trim.prune.static_heads import StaticHeadGate
+from trim.prune.routing import BigLittleRouter
 from trim.prune.trimmers import HeadTrimmer, TokenTrimmer
 
 Count = Tensor | float | int
@@ -45,6 +54,49 @@ def attention_flops(attn: Attention, n: Count, heads: Count, m: Count | None = N
 
 def mlp_flops(mlp: Mlp, n: Count) -> Count:
     return n * (4 * mlp.fc1.in_features * mlp.fc1.out_features)
+
+
+def rel_pos_flops(attn: Attention, n: Count) -> Count:
+    """The decomposed relative-position bias of ``n`` queries (every query against each axis' table)."""
+    if attn.rel_pos is None:
+        return 0
+    rows, cols = attn.rel_pos.size
+    return 2 * attn.num_heads * attn.head_dim * n * (2 * rows - 1 + 2 * cols - 1)
+
+
+def grid_attention_flops(attn: Attention, groups: Count, n: Count, queries: Count | None = None) -> Count:
+    """``groups`` attention calls (windows, images) of ``queries`` (default ``n``) over ``n`` keys, bias included."""
+    q = n if queries is None else queries
+    return groups * (attention_flops(attn, q, attn.num_heads, n) + rel_pos_flops(attn, q))
+
+
+def window_block_flops(block: WindowBlock, groups: Count, n: Count, mlp_tokens: Count | None = None) -> Count:
+    """A `WindowBlock` attending in ``groups`` groups of ``n`` tokens; its MLP runs on ``mlp_tokens``
+    (default every token of the groups; the grid tokens only when it runs on the unpadded grid)."""
+    tokens = groups * n if mlp_tokens is None else mlp_tokens
+    return grid_attention_flops(block.attn, groups, n) + mlp_flops(block.mlp, tokens)
+
+
+def little_block_flops(little: LittleBlock, groups: Count, n: Count) -> Count:
+    tokens = groups * n
+    maps = 4 * little.down.in_features * little.down.out_features * tokens  # down and up
+    return grid_attention_flops(little.attn, groups, n) + maps + mlp_flops(little.mlp, tokens)
+
+
+def router_flops(router: BigLittleRouter, big: WindowBlock, groups: Count, n: Count) -> Count:
+    """A routed block on ``groups`` groups of ``n`` alive tokens: predictor + P-block on the top
+    ceil(share n) queries (over all n keys) + E-block on every token."""
+    raw = router.share * n
+    k = raw + (torch.ceil(raw) - raw).detach() if isinstance(raw, Tensor) else math.ceil(raw)
+    predictor = 2 * router.predictor.in_features * groups * n
+    big_part = grid_attention_flops(big.attn, groups, n, queries=k) + mlp_flops(big.mlp, groups * k)
+    return predictor + big_part + little_block_flops(router.little, groups, n)
+
+
+def conv_flops(conv: nn.Conv2d, height: int, width: int) -> int:
+    """A convolution producing a ``height`` x ``width`` map."""
+    kh, kw = conv.kernel_size
+    return 2 * height * width * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
 
 
 def block_flops(block: nn.Module, n: Count, heads: Count | None = None, *,

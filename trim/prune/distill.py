@@ -6,6 +6,8 @@
   for multi-label heads (VQA, whose targets are soft scores per answer).
 * ``hidden_cosine``: 1 - cosine similarity of hidden states, averaged over the tokens
   both passes keep (the teacher keeps all; padding and pruned tokens excluded).
+* ``feature_distillation``: bLViT's feature distillation for dense encoders: weight x (1 - cosine
+  similarity) of every position's feature vector, weight 2.5 as the paper tuned it.
 The teacher is always detached: it is the same weights run with trim="off" under no_grad.
 """
 
@@ -34,6 +36,22 @@ def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None) 
         return (1 - cos).mean()
     w = mask.to(cos.dtype)
     return ((1 - cos) * w).sum() / w.sum().clamp_min(1.0)
+
+
+BIG_LITTLE_DISTILL_WEIGHT = 2.5  # bLViT's ablation: the best of the weights it tried
+
+
+def feature_distillation(student: Tensor, teacher: Tensor, *, weight: float = BIG_LITTLE_DISTILL_WEIGHT,
+                         dim: int = 1) -> Tensor:
+    """``weight`` * mean over positions of (1 - cos(student, teacher)) along the channel ``dim``.
+
+    For SAM-style encoders: the trimmed or routed model's image embeddings (B, C, H, W)
+    (`SamOutput.image_embeddings`) against the same encoder's with trim="off" (the teacher, detached).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
+                         "differ in shape; distil the same layer of both encoders")
+    return weight * (1 - F.cosine_similarity(student, teacher.detach(), dim=dim)).mean()
 
 
 LOSSES = {"kl": kl_logits, "bce": bce_sigmoid}

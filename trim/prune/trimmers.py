@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from trim.nn.tokens import TokenSet
 from trim.prune.gumbel import deterministic, gumbel_sigmoid, straight_through
+from trim.prune.routing import BigLittleRouter
 
 DECISIONS = ("sample", "threshold")
 
@@ -190,8 +191,9 @@ def heads_to_run(head_mask: Tensor) -> Tensor | None:
 
 
 def trimmer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every token and head trimmer in ``model`` (any `Trimmer`): the one
-    definition of "a trimmer" that parameter groups, freezing and checkpoint loading use."""
+    """``(name, module)`` of every token and head trimmer (any `Trimmer`) and big.LITTLE router in
+    ``model``: the one definition of "a trimmer" that parameter groups, freezing and checkpoint
+    loading use."""
     for name, module in model.named_modules():
-        if isinstance(module, Trimmer):
+        if isinstance(module, (Trimmer, BigLittleRouter)):
             yield name, module
