@@ -2,7 +2,8 @@
 
 1. write synthetic shapes VQA shards (no download; 1-3 objects per scene, large enough to
    span several patches),
-2. train the tiny dual-stream model in full; evaluate it, and evaluate it blind (every image
+2. pretrain the vision tower on the world's patches (colour, shape, size of the object under
+   each patch), train the tiny dual-stream model in full from it; evaluate it, and evaluate it blind (every image
    replaced by a constant): the gap is how much the task needs the image,
 3. SmartTrim it from that checkpoint at final cost targets 0.5 and 0.33, and train two
    baselines at 0.5 with the same recipe: random keep and a text-agnostic learned trimmer,
@@ -40,7 +41,8 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     out, start = Path(a.out), time.time()
     world = World(train_samples=a.train_samples, val_samples=a.val_samples)
-    paths = run_plan(Plan("vqa", RUNS, a.full_steps, a.trim_steps), world, out)
+    plan = Plan("vqa", RUNS, full_steps=a.full_steps, trim_steps=a.trim_steps)
+    paths = run_plan(plan, world, out)
     knob = Path(paths["trimmed"][0]).parent.parent  # the SmartTrim 0.5 run
     budget_results = [evaluate(knob, "vqa", out / "data", batch_size=32, stem=f"vqa_budget{b:g}",
                                extra=["--budget", str(b)]) for b in BUDGETS]  # fmt: skip

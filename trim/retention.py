@@ -6,7 +6,8 @@ it keep what the question needs? Every method trained and evaluated the same way
                          [--out runs/retention]
 
 1. write the synthetic world's shards (once; the world's knobs and seed are flags),
-2. train the tiny dual-stream model in full, evaluate it, and evaluate it **blind** (every image
+2. pretrain the vision tower on the world's patches (`trim pretrain-vision`), train the tiny
+   dual-stream model in full from it, evaluate it, and evaluate it **blind** (every image
    replaced by a constant): the gap between the two is how much the task needs the image,
 3. for every method x target: start from the full model, train with the same recipe, budget
    curriculum, distillation and steps (`objective.method` is the only difference), evaluate,
@@ -47,8 +48,9 @@ class World:
     val_samples: int = 1_000
 
     def synth_argv(self, out: Path, task: str) -> list[str]:
+        # seg shards too: their masks and attributes pretrain the vision tower
         return ["data", "synth", "--out", str(out), "--train", str(self.train_samples), "--val",
-                str(self.val_samples), "--test", "0", "--tasks", task, "--image-size", str(self.image_size),
+                str(self.val_samples), "--test", "0", "--tasks", f"{task},seg", "--image-size", str(self.image_size),
                 "--seed", str(self.seed), "--min-objects", str(self.min_objects), "--max-objects",
                 str(self.max_objects), "--size-scale", str(self.size_scale)]  # fmt: skip
 
@@ -59,6 +61,7 @@ class Plan:
 
     task: str = "vqa"
     runs: Sequence[tuple[str, float]] = (("smarttrim", 0.5), ("smarttrim", 0.33))  # (method, target)
+    pretrain_steps: int = 800  # trim pretrain-vision
     full_steps: int | None = None  # None: the recipe's
     trim_steps: int | None = None
     eval_batch_size: int = 32
@@ -118,7 +121,12 @@ def run_plan(plan: Plan, world: World, out: Path) -> dict[str, Any]:
         run_trim(world.synth_argv(data, task))
     seed = [f"train.seed={world.seed}", f"data.val_samples={world.val_samples}", *plan.extra]
     full_steps = [f"train.steps={plan.full_steps}"] if plan.full_steps else []
-    full = train(f"recipes/shapes_{task}_dual_tiny_full.yaml", out, data, run_name(task, "full"), seed + full_steps)
+    full_recipe = f"recipes/shapes_{task}_dual_tiny_full.yaml"
+    vision = out / "vision_pretrained"
+    if not (vision / "model.safetensors").is_file():
+        run_trim(["pretrain-vision", full_recipe, "--data", str(data), "--out", str(vision), "--steps",
+                  str(plan.pretrain_steps), "--seed", str(world.seed), *plan.extra])  # fmt: skip
+    full = train(full_recipe, out, data, run_name(task, "full"), seed + full_steps + [f"model.init_from={vision}"])
     paths: dict[str, Any] = {
         "full": evaluate(full, task, data, batch_size=plan.eval_batch_size),
         "blind": evaluate(full, task, data, batch_size=plan.eval_batch_size, extra=["--blind"], stem=f"{task}_blind"),
@@ -197,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size-scale", type=float, default=w.size_scale)
     p.add_argument("--train-samples", type=int, default=w.train_samples)
     p.add_argument("--val-samples", type=int, default=w.val_samples)
+    p.add_argument("--pretrain-steps", type=int, default=Plan.pretrain_steps, help="trim pretrain-vision steps")
     p.add_argument("--full-steps", type=int, help="training steps of the full model (default: the recipe's)")
     p.add_argument("--trim-steps", type=int, help="training steps of each pruned model (default: the recipe's)")
     p.add_argument("overrides", nargs="*", help="more recipe overrides for every run (key=value)")
@@ -209,7 +218,7 @@ def main(argv: list[str]) -> int:
     world = World(a.seed, a.image_size, a.min_objects, a.max_objects, a.size_scale, a.train_samples, a.val_samples)
     extra = [f"model.vision.image_size={a.image_size}", f"data.image_size={a.image_size}", *a.overrides]
     runs = [(method, target) for target in a.targets for method in a.methods]
-    plan = Plan(a.task, runs, a.full_steps, a.trim_steps, extra=extra)
+    plan = Plan(a.task, runs, a.pretrain_steps, a.full_steps, a.trim_steps, extra=extra)
     paths = run_plan(plan, world, out)
     text = print_table(paths)
     from trim.eval.report import write_report
