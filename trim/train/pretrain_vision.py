@@ -28,7 +28,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +108,7 @@ def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int)
         yield batch["pixel_values"], targets
 
 
-def pretrain_vision(recipe: str, data: str | Path, out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
+def pretrain_vision(recipe: str | Mapping[str, Any], data: str | Path, out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
                     batch_size: int = 64, seed: int = 0, overrides: list[str] | None = None,
                     progress: bool = True) -> dict[str, float]:  # fmt: skip
     """Train the recipe model's vision tower on patch attributes; save the whole model to ``out``."""
