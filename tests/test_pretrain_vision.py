@@ -45,7 +45,7 @@ def test_pretrain_vision_writes_a_checkpoint_training_can_start_from(tmp_path, o
     recipe.write_text(yaml.safe_dump(tiny_recipe(data, tmp_path / "runs", objective={"method": "none"},
                                                  model={"trim": {}})))  # fmt: skip
     before = {k: v.clone() for k, v in load_model_fresh(recipe).vision.state_dict().items()}
-    pretrain_vision(str(recipe), data, tmp_path / "vision", steps=3, batch_size=4, progress=False)
+    pretrain_vision(str(recipe), data, tmp_path / "vision", steps=8, batch_size=4, progress=False)  # 24 samples: 2 epochs
     model = load_model(tmp_path / "vision")
     assert set(model.state_dict()) == set(load_model_fresh(recipe).state_dict())  # probes are not saved
     moved = [k for k, v in model.vision.state_dict().items() if not torch.equal(v, before[k])]

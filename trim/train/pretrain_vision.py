@@ -25,6 +25,7 @@ do not wash its features out. Reads the seg shards of ``trim data synth --tasks 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -100,12 +101,14 @@ def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int)
                         f"`trim data synth --out {data} --tasks vqa,seg` (the synthetic world's masks and attributes)")
     urls = split_urls(data, "seg", "train")
     loader = build_loader(urls, "seg", batch_size=batch_size, mode="train", image_size=image_size, seed=seed)
-    for batch in loader:
-        if any(a is None for a in batch["attributes"]):
-            raise DataError(f"{data}/seg: a sample has no object attributes (shape/color/size); pretrain-vision "
-                            "needs the synthetic world's seg shards, not converted SA-1B/COCO")
-        targets = torch.stack([patch_targets(m, a, grid) for m, a in zip(batch["masks"], batch["attributes"])])
-        yield batch["pixel_values"], targets
+    for epoch in itertools.count():  # a loader pass is one epoch; pretraining may take several
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if any(a is None for a in batch["attributes"]):
+                raise DataError(f"{data}/seg: a sample has no object attributes (shape/color/size); pretrain-vision "
+                                "needs the synthetic world's seg shards, not converted SA-1B/COCO")
+            targets = torch.stack([patch_targets(m, a, grid) for m, a in zip(batch["masks"], batch["attributes"])])
+            yield batch["pixel_values"], targets
 
 
 def pretrain_vision(recipe: str | Mapping[str, Any], data: str | Path, out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
