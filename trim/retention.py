@@ -84,11 +84,12 @@ def run_trim(argv: list[str], trim_main: Callable[[list[str]], int] | None = Non
 
 
 def _latest_checkpoint(run: Path) -> Path | None:
+    from trim.errors import CheckpointError
     from trim.models.io import resolve_checkpoint
 
     try:
         return resolve_checkpoint(run)
-    except Exception:  # noqa: BLE001 - no finished checkpoint yet: the evaluation must run
+    except CheckpointError:  # no finished checkpoint yet: the evaluation must run
         return None
 
 
