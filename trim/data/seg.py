@@ -115,3 +115,19 @@ def pad_objects(samples: list[dict], count: int) -> dict[str, torch.Tensor]:
         n = s["masks"].shape[0]
         masks[i, :n], boxes[i, :n], areas[i, :n], valid[i, :n] = s["masks"], s["boxes"], s["areas"], True
     return {"object_masks": masks, "object_boxes": boxes, "object_areas": areas, "object_valid": valid}
+
+
+def deepest_points(masks: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) masks -> (..., 2) xy of each mask's deepest interior point (the maximum of the
+    Euclidean distance to the background, the image border counted as background; first maximum in
+    row-major order): the 1-click prompt of the evaluation protocol (trim.eval.metrics.seg)."""
+    from scipy.ndimage import distance_transform_edt
+
+    flat = masks.reshape(-1, *masks.shape[-2:]).bool().cpu().numpy()
+    out = torch.zeros(flat.shape[0], 2)
+    for i, mask in enumerate(flat):
+        if mask.any():
+            depth = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+            y, x = np.unravel_index(np.argmax(depth), depth.shape)
+            out[i] = torch.tensor([float(x), float(y)])
+    return out.reshape(*masks.shape[:-2], 2).to(masks.device)

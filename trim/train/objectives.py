@@ -327,6 +327,108 @@ class RandomKeep(KeepRatioObjective):
 class Evit(KeepRatioObjective):
     """EViT: the top k(n, r) tokens by [CLS] attention, the rest fused into one."""
 
+@register("seg")
+class PromptedSegmentation(SmartTrim):
+    """SAM's training loss for the sam family (task ``seg``); see `trim.train.seg_loss` / `seg_prompts`::
+
+        loss = task_weight * mean over prompt rounds of (focal * focal + dice * dice + iou * IoU-MSE)
+             + lambda_cost * (mean_batch(cost ratio) - target(step))^2            [model carries cost_ratio]
+             + distill.weight * (1 - cos(student, teacher image embeddings))     [model carries cost_ratio]
+
+    Prompt rounds per step, all on one image embedding (the encoder runs once): a jittered box
+    (single mask), one random click (three masks, the lowest-loss one backpropagated, as SAM does
+    for ambiguous prompts), then ``seg.click_rounds`` refinements, each adding a click from the
+    previous round's error (single mask). Objects are the batch's ``object_*`` tensors
+    (``data.seg_objects`` per image); padding objects are left out of every mean.
+
+    Trimming is the encoder's business: when ``Sam.forward`` takes ``trim=`` the student runs
+    ``trim="train"`` at the Gumbel temperature ``tau(step)``; the cost and distillation terms join
+    when its output carries a ``cost_ratio`` (the teacher, ``trim="off"`` under no_grad, runs only
+    then). Without trimmers this trains the full model.
+    """
+
+    def __init__(self, cfg: Any, *, task: str) -> None:
+        from trim.errors import ConfigError
+
+        if task != "seg":
+            raise ConfigError(f"objective.method=seg trains prompted segmentation; model.task={task!r} needs "
+                              "objective.method smarttrim or none")
+        super().__init__(cfg, task=task)
+        self.needs_teacher = False  # the trainer's teacher takes VL batches; this objective runs its own
+
+    def eval_trim(self) -> str:
+        return "eval"
+
+    def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
+        from trim.train.seg_loss import downsample_targets, mask_losses, select_best, valid_mean
+        from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
+
+        cfg, seg = self.cfg, self.cfg.seg
+        sam = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: predict() lives on the model
+        images, masks, valid = batch["pixel_values"], batch["object_masks"], batch["object_valid"]
+        size = images.shape[-1]
+        boxes = jitter_boxes(batch["object_boxes"], size, noise=seg.box_noise, max_noise=seg.box_max_noise)
+        trimming = sam_trim_kwargs(sam, "train", self.tau(step))
+        out = model(images, boxes=boxes, **trimming)  # through the wrapper: the encoder's gradients sync
+        targets = downsample_targets(masks, tuple(out.masks.shape[-2:]))
+        rounds: list[tuple[Tensor, Tensor]] = []
+        parts: dict[str, list[Tensor]] = {"focal": [], "dice": [], "iou": []}
+
+        def add_round(logits: Tensor, iou_pred: Tensor) -> Tensor:
+            """Adds this round's loss; returns the chosen mask's logits (B, K, h, w) for the next click."""
+            loss, iou_mse, detail = mask_losses(logits, iou_pred, targets, focal_weight=seg.focal,
+                                                dice_weight=seg.dice)  # fmt: skip
+            best = select_best(loss)[..., None]
+            rounds.append((loss.gather(-1, best).squeeze(-1), iou_mse.mean(-1)))
+            for name in parts:
+                parts[name].append(detail[name].gather(-1, best).squeeze(-1))
+            return logits.gather(-3, best[..., None, None].expand(*logits.shape[:-3], 1, *logits.shape[-2:]))[:, :, 0]
+
+        add_round(out.masks, out.iou)
+        points, labels = first_clicks(masks), torch.ones(masks.shape[:2] + (1,), dtype=torch.long, device=masks.device)
+        click = sam.predict(out.image_embeddings, points=points, point_labels=labels, multimask_output=True)
+        chosen = add_round(click.masks, click.iou)
+        for _ in range(seg.click_rounds):
+            pred = F.interpolate(chosen.detach().float(), size=masks.shape[-2:], mode="bilinear") > 0
+            more, more_labels = error_clicks(pred, masks)
+            points, labels = torch.cat([points, more], -2), torch.cat([labels, more_labels], -1)
+            refined = sam.predict(out.image_embeddings, points=points, point_labels=labels)
+            chosen = add_round(refined.masks, refined.iou)
+
+        mask_term = torch.stack([valid_mean(m, valid) for m, _ in rounds]).mean()
+        iou_term = torch.stack([valid_mean(i, valid) for _, i in rounds]).mean()
+        loss = cfg.task_weight * (mask_term + seg.iou * iou_term)
+        terms = {"loss/mask": float(mask_term.detach()), "loss/iou_mse": float(iou_term.detach())}
+        for name, values in parts.items():
+            terms[f"loss/{name}" if name != "iou" else "train_miou"] = float(valid_mean(values[-1], valid).detach())
+        cost_ratio = getattr(out, "cost_ratio", None)
+        if cost_ratio is not None:
+            target = self.target(step)
+            ratio = global_mean(cost_ratio.float().mean())
+            cost = (ratio - target) ** 2
+            loss = loss + cfg.lambda_cost * cost
+            terms.update({"loss/cost": float(cost.detach()), "cost_ratio": float(ratio.detach()), "target": target,
+                          "tau": self.tau(step)})
+            if cfg.distill.weight > 0:
+                with torch.no_grad():
+                    ref = model(images, boxes=boxes, **sam_trim_kwargs(sam, "off", 1.0))
+                d = hidden_cosine(out.image_embeddings.flatten(2).transpose(1, 2).float(),
+                                  ref.image_embeddings.flatten(2).transpose(1, 2).float())  # fmt: skip
+                loss = loss + cfg.distill.weight * d
+                terms["loss/distill"] = float(d.detach())
+        terms["loss"] = float(loss.detach())
+        return StepResult(loss, terms, out)
+
+
+def sam_trim_kwargs(sam: Any, mode: str, tau: float) -> dict[str, Any]:
+    """``trim=`` / ``tau=`` for a SAM whose forward takes them (the encoder's trimming), else nothing."""
+    import inspect
+
+    params = inspect.signature(type(sam).forward).parameters
+    if "trim" not in params:
+        return {}
+    return {"trim": mode, "tau": tau} if "tau" in params and mode == "train" else {"trim": mode}
+
 
 def build_objective(cfg: Any, task: str) -> Objective:
     """The objective ``objective.method`` names: the registry is the one place a method is known."""

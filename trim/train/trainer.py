@@ -39,7 +39,8 @@ from trim.train.checkpoint import STATE_NAME, CheckpointIO, fault_point, latest_
 from trim.train.data import DataSources, TrainStream, add_reads, batch_size_of, no_reads
 from trim.train.distributed import (apply_launcher_env, check_devices, global_mean, load_deepspeed_config,
                                     make_accelerator)
-from trim.train.objectives import Objective, build_objective, kept_counts
+from trim.train.objectives import Objective, build_objective, kept_counts, sam_trim_kwargs
+from trim.train.seg_eval import seg_eval_sums
 
 log = logging.getLogger("trim.train")
 
@@ -53,6 +54,13 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def eval_headline(record: dict[str, Any]) -> str:
+    """The score of an eval record in words: accuracy (VQA, NLVR2) or box / 1-click mIoU (seg)."""
+    if "box_miou" in record:
+        return f"box mIoU {record['box_miou']:.4f}, 1-click mIoU {record['click_miou']:.4f} ({record['objects']} objects)"
+    return f"accuracy {record['accuracy']:.4f}"
 
 
 def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight_decay: float,
@@ -250,7 +258,7 @@ class Trainer:
 
     def _groups(self, model: torch.nn.Module, objective: Objective) -> list[dict]:
         if not objective.trains_trimmers:
-            for p in model.trimmer_parameters():
+            for p in getattr(model, "trimmer_parameters", tuple)():
                 p.requires_grad_(False)
         t = self.recipe.train
         return param_groups(model, lr=t.lr, trimmer_lr=t.trimmer_lr or t.lr, weight_decay=t.weight_decay,
@@ -439,6 +447,11 @@ class Trainer:
         r = self.recipe
         if not self.objective.trains_trimmers or self.val_factory is None or not r.objective.calibration_samples:
             return None
+        if r.model.config.family == "sam":
+            if self.main:
+                log.info("calibration skipped: the budget calibration (trim.prune.calibrate) covers the VL models' "
+                         "token trimmers; the sam family has no calibrated budget knob")
+            return None
         if not self.objective.calibrates:
             if self.main:
                 log.info("calibration skipped (objective.method=%s): %s", r.objective.method, CALIBRATION_SKIPPED)
@@ -606,12 +619,18 @@ class Trainer:
             values = acc.reduce(values, reduction="sum")
         total = dict(zip(keys, values.tolist()))
         count = max(total["count"], 1.0)
+        if "objects" in total:  # seg: mean IoU over objects
+            objects = max(total["objects"], 1.0)
+            scores = {"box_miou": total["box_iou"] / objects, "click_miou": total["click_iou"] / objects,
+                      "objects": int(total["objects"])}
+        else:
+            scores = {"accuracy": total["correct"] / count}
         expected = loader.manifest_samples() if hasattr(loader, "manifest_samples") else None
         if expected is not None and r.data.val_samples is not None:
             expected = min(expected, r.data.val_samples)
         reads = loader.stats.as_dict() if hasattr(loader, "stats") else no_reads()
         record = {"kind": "eval", "split": r.data.val_split, "step": self.step, "trim": trim_mode,
-                  "accuracy": total["correct"] / count, "cost_ratio": total["cost"] / count,
+                  **scores, "cost_ratio": total["cost"] / count,
                   "samples": int(total["count"]), "samples_expected": expected, "skipped": reads["skipped"],
                   "shard_errors": reads["shard_errors"], "train_skipped": self.train_reads()["skipped"],
                   "eval_time_s": round(time.perf_counter() - t0, 3)}
@@ -622,7 +641,7 @@ class Trainer:
     def _eval_sums(self, loader: Any, trim_mode: str) -> dict[str, float]:
         """This rank's sums of hits, rows, cost and kept counts over its slice of every val batch."""
         task, cap = self.recipe.model.config.task, self.recipe.data.val_samples
-        sums: dict[str, float] = {"correct": 0.0, "count": 0.0, "cost": 0.0}
+        sums: dict[str, float] = {"count": 0.0, "cost": 0.0, **({"objects": 0.0} if task == "seg" else {"correct": 0.0})}
         seen = 0
         for full in loader:
             n = batch_size_of(full)
@@ -636,6 +655,14 @@ class Trainer:
             if stop <= start:  # this rank has no rows: run one anyway so collectives stay aligned
                 start, stop, weight = 0, 1, 0.0
             part = slice_batch(full, start, stop)
+            rows = float(stop - start) * weight
+            if task == "seg":
+                with self.acc.autocast():
+                    part_sums = seg_eval_sums(self.unwrapped, part, sam_trim_kwargs(self.unwrapped, trim_mode, 1.0))
+                sums["count"] += rows
+                for k, v in part_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                continue
             with self.acc.autocast():
                 out = self.unwrapped(part, trim=trim_mode)
             logits = out.logits.float()
@@ -643,7 +670,6 @@ class Trainer:
                 hit = part["labels"].float().gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
             else:
                 hit = (logits.argmax(-1) == part["labels"]).float()
-            rows = float(stop - start) * weight
             sums["correct"] += float(hit.sum()) * weight
             sums["count"] += rows
             sums["cost"] += float(out.cost_ratio.float().sum()) * weight
@@ -654,12 +680,12 @@ class Trainer:
     def _log_eval(self, record: dict[str, Any]) -> None:
         if not self.acc.is_main_process:
             return
-        log.info("step %d %s: accuracy %.4f, cost ratio %.4f (%d samples, trim=%s)", record["step"], record["split"],
-                 record["accuracy"], record["cost_ratio"], record["samples"], record["trim"])
+        log.info("step %d %s: %s, cost ratio %.4f (%d samples, trim=%s)", record["step"], record["split"],
+                 eval_headline(record), record["cost_ratio"], record["samples"], record["trim"])
         expected = record["samples_expected"]
         if record["skipped"] or (expected is not None and record["samples"] < expected):
             reasons = ", ".join(f"{n} {k}" for k, n in record["skipped"].items()) or "none skipped"
-            log.warning("step %d %s: accuracy on %d of %s samples (%s, %d shards cut short)", record["step"],
+            log.warning("step %d %s: scores on %d of %s samples (%s, %d shards cut short)", record["step"],
                         record["split"], record["samples"], expected if expected is not None else "?", reasons,
                         record["shard_errors"])
 
