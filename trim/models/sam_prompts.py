@@ -10,6 +10,9 @@ rounding (tests/test_seg.py).
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import Tensor
@@ -44,3 +47,15 @@ def decode_batch(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, image
     chosen = slice(1, None) if multimask_output else slice(0, 1)  # mask 0: the single-mask output
     masks, iou = masks[:, chosen], iou[:, chosen]
     return masks.reshape(b, p, *masks.shape[1:]), iou.reshape(b, p, -1)
+
+
+def trim_kwargs(sam: Any, mode: str, tau: float = 1.0) -> dict[str, Any]:
+    """``trim=mode`` (and ``tau=`` in training) for a SAM whose ``forward`` takes them, else nothing.
+
+    Trimming is the image encoder's (window-wise trimming, big.LITTLE routing); the objective and
+    the evaluation call ``Sam.forward`` through this, so they run a model with or without it.
+    """
+    params = inspect.signature(type(sam).forward).parameters
+    if "trim" not in params:
+        return {}
+    return {"trim": mode, "tau": tau} if mode == "train" and "tau" in params else {"trim": mode}

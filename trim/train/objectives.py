@@ -361,6 +361,7 @@ class PromptedSegmentation(SmartTrim):
 
     def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
         from trim.train.seg_loss import downsample_targets, mask_losses, select_best, valid_mean
+        from trim.models.sam_prompts import trim_kwargs
         from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
 
         cfg, seg = self.cfg, self.cfg.seg
@@ -368,7 +369,7 @@ class PromptedSegmentation(SmartTrim):
         images, masks, valid = batch["pixel_values"], batch["object_masks"], batch["object_valid"]
         size = images.shape[-1]
         boxes = jitter_boxes(batch["object_boxes"], size, noise=seg.box_noise, max_noise=seg.box_max_noise)
-        trimming = sam_trim_kwargs(sam, "train", self.tau(step))
+        trimming = trim_kwargs(sam, "train", self.tau(step))
         out = model(images, boxes=boxes, **trimming)  # through the wrapper: the encoder's gradients sync
         targets = downsample_targets(masks, tuple(out.masks.shape[-2:]))
         rounds: list[tuple[Tensor, Tensor]] = []
@@ -411,23 +412,13 @@ class PromptedSegmentation(SmartTrim):
                           "tau": self.tau(step)})
             if cfg.distill.weight > 0:
                 with torch.no_grad():
-                    ref = model(images, boxes=boxes, **sam_trim_kwargs(sam, "off", 1.0))
+                    ref = model(images, boxes=boxes, **trim_kwargs(sam, "off", 1.0))
                 d = hidden_cosine(out.image_embeddings.flatten(2).transpose(1, 2).float(),
                                   ref.image_embeddings.flatten(2).transpose(1, 2).float())  # fmt: skip
                 loss = loss + cfg.distill.weight * d
                 terms["loss/distill"] = float(d.detach())
         terms["loss"] = float(loss.detach())
         return StepResult(loss, terms, out)
-
-
-def sam_trim_kwargs(sam: Any, mode: str, tau: float) -> dict[str, Any]:
-    """``trim=`` / ``tau=`` for a SAM whose forward takes them (the encoder's trimming), else nothing."""
-    import inspect
-
-    params = inspect.signature(type(sam).forward).parameters
-    if "trim" not in params:
-        return {}
-    return {"trim": mode, "tau": tau} if "tau" in params and mode == "train" else {"trim": mode}
 
 
 def build_objective(cfg: Any, task: str) -> Objective:

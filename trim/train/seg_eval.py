@@ -26,10 +26,10 @@ def mask_ious(logits: Tensor, masks: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def seg_eval_sums(model: Any, batch: dict[str, Any], trim_kwargs: dict[str, Any]) -> dict[str, float]:
+def seg_eval_sums(model: Any, batch: dict[str, Any], trimming: dict[str, Any]) -> dict[str, float]:
     """Sums over the batch's valid objects: box IoU, 1-click IoU, objects; and cost ratio over images."""
     masks, valid = batch["object_masks"], batch["object_valid"]
-    out = model(batch["pixel_values"], boxes=batch["object_boxes"], **trim_kwargs)
+    out = model(batch["pixel_values"], boxes=batch["object_boxes"], **trimming)
     box = mask_ious(out.masks[:, :, 0], masks)
     points = deepest_points(masks).unsqueeze(-2)
     labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device)
