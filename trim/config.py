@@ -192,6 +192,9 @@ class SegLossConfig:
     """SAM's loss and simulated prompts (``objective.method: seg``; trim.train.seg_loss / seg_prompts)."""
 
     focal: float = 20.0  # SAM: focal : dice = 20 : 1
+    # focal loss weight of object pixels (background: 1 - alpha); null weighs both alike. SAM does not
+    # say; 0.25 is RetinaNet's (torchvision's default), null fvcore's
+    focal_alpha: float | None = 0.25
     dice: float = 1.0
     iou: float = 1.0  # weight of the IoU head's MSE
     box_noise: float = 0.1  # box coordinate noise, std as a fraction of the box side (SAM: 10%)
@@ -202,6 +205,8 @@ class SegLossConfig:
         for key in ("focal", "dice", "iou", "box_noise", "box_max_noise", "click_rounds"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.seg.{key}={getattr(self, key)} must be >= 0")
+        if self.focal_alpha is not None and not 0 < self.focal_alpha < 1:
+            raise ConfigError(f"objective.seg.focal_alpha={self.focal_alpha} must be in (0, 1), or null")
         if self.focal == 0 and self.dice == 0:
             raise ConfigError("objective.seg.focal and objective.seg.dice are both 0: the masks would learn nothing")
 

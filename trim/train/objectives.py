@@ -378,7 +378,7 @@ class PromptedSegmentation(SmartTrim):
         def add_round(logits: Tensor, iou_pred: Tensor) -> Tensor:
             """Adds this round's loss; returns the chosen mask's logits (B, K, h, w) for the next click."""
             loss, iou_mse, detail = mask_losses(logits, iou_pred, targets, focal_weight=seg.focal,
-                                                dice_weight=seg.dice)  # fmt: skip
+                                                dice_weight=seg.dice, focal_alpha=seg.focal_alpha)  # fmt: skip
             best = select_best(loss)[..., None]
             rounds.append((loss.gather(-1, best).squeeze(-1), iou_mse.mean(-1)))
             for name in parts:

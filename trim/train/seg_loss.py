@@ -32,14 +32,20 @@ def downsample_targets(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return flat.reshape(*lead, *size)
 
 
-def focal_loss(logits: Tensor, targets: Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA) -> Tensor:
-    """Sigmoid focal loss, mean over pixels: alpha_t (1 - p_t)^gamma BCE(logits, targets)."""
+def focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = FOCAL_ALPHA,
+               gamma: float = FOCAL_GAMMA) -> Tensor:
+    """Sigmoid focal loss, mean over pixels: alpha_t (1 - p_t)^gamma BCE(logits, targets).
+
+    ``alpha`` weighs the object's pixels (``1 - alpha`` the background's); None weighs both alike.
+    """
     logits, targets = logits.float(), targets.float()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p = torch.sigmoid(logits)
     p_t = p * targets + (1 - p) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (alpha_t * (1 - p_t) ** gamma * ce).flatten(-2).mean(-1)
+    loss = (1 - p_t) ** gamma * ce
+    if alpha is not None:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.flatten(-2).mean(-1)
 
 
 def dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
@@ -56,15 +62,15 @@ def iou_target(logits: Tensor, targets: Tensor) -> Tensor:
         return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def mask_losses(logits: Tensor, iou_pred: Tensor, targets: Tensor, *, focal_weight: float,
-                dice_weight: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def mask_losses(logits: Tensor, iou_pred: Tensor, targets: Tensor, *, focal_weight: float, dice_weight: float,
+                focal_alpha: float | None = FOCAL_ALPHA) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Per mask: (focal_weight * focal + dice_weight * dice, IoU-head MSE, the unweighted parts).
 
     ``logits`` (..., M, h, w) against ``targets`` (..., h, w), broadcast over the M masks;
     ``iou_pred`` (..., M).
     """
     targets = targets.unsqueeze(-3).expand_as(logits)
-    focal, dice = focal_loss(logits, targets), dice_loss(logits, targets)
+    focal, dice = focal_loss(logits, targets, focal_alpha), dice_loss(logits, targets)
     actual = iou_target(logits, targets)
     iou_mse = (iou_pred.float() - actual) ** 2
     return focal_weight * focal + dice_weight * dice, iou_mse, {"focal": focal, "dice": dice, "iou": actual}

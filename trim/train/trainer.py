@@ -287,10 +287,13 @@ class Trainer:
         from trim.models import create_model, from_pretrained
 
         kwargs = {"task": cfg.task, "num_labels": cfg.num_labels, "trim": dataclasses.asdict(cfg.trim)}
-        try:  # converters that can resize the image grid take the recipe's image size
-            model = from_pretrained(source, image_size=cfg.vision.image_size, **kwargs)
-        except TypeError:
-            model = from_pretrained(source, **kwargs)
+        if cfg.family == "sam":  # a SAM checkpoint holds its whole architecture: its converters take no options
+            model = from_pretrained(source)
+        else:
+            try:  # converters that can resize the image grid take the recipe's image size
+                model = from_pretrained(source, image_size=cfg.vision.image_size, **kwargs)
+            except TypeError:
+                model = from_pretrained(source, **kwargs)
         got = dataclasses.asdict(model.config)
         diff = first_difference(got, dataclasses.asdict(cfg))
         if diff is None:
