@@ -237,6 +237,62 @@ def test_batched_decoding_equals_segment_anythings_per_image_calls():
                 assert torch.allclose(got.masks[i], masks, atol=1e-5) and torch.allclose(got.iou[i], iou, atol=1e-5)
 
 
+def seg_batch(b: int = 2, k: int = 3) -> dict:
+    masks = random_masks(b, k, 64)
+    ys = [torch.nonzero(m, as_tuple=True) for m in masks.flatten(0, 1)]
+    boxes = torch.tensor([[x.min(), y.min(), x.max() + 1, y.max() + 1] for y, x in ys], dtype=torch.float32)
+    valid = torch.ones(b, k, dtype=torch.bool)
+    valid[-1, -1] = False
+    masks[~valid] = 0
+    return {"pixel_values": torch.randn(b, 3, 64, 64), "object_masks": masks, "object_boxes": boxes.view(b, k, 4),
+            "object_valid": valid}
+
+
+def seg_objective(**seg):
+    from trim.config import load_recipe
+    from trim.train.objectives import build_objective
+
+    recipe = load_recipe(RECIPE, [f"objective.seg.{k}={v}" for k, v in seg.items()])
+    return build_objective(recipe.objective, "seg"), recipe
+
+
+def test_the_seg_objective_trains_the_full_model_without_trimming():
+    objective, recipe = seg_objective(click_rounds=2)
+    model = create_model(recipe.model.config)
+    result = objective(model, seg_batch(), 0)
+    result.loss.backward()
+    terms = result.terms
+    assert math.isfinite(result.loss.item()) and terms["loss/mask"] > 0
+    assert {"train_miou/box", "train_miou/click", "train_miou/click2", "train_miou/click3"} <= set(terms)
+    assert "loss/cost" not in terms and "loss/distill" not in terms
+    assert model.image_encoder.patch_embed.weight.grad.abs().sum() > 0, "the masks' loss reaches the encoder"
+
+
+def test_cost_and_distillation_join_when_the_encoder_trims():
+    from trim.models.sam import Sam
+
+    class TrimmingSam(Sam):  # what the encoder's trimming adds: trim= / tau= in, cost_ratio out
+        def forward(self, images, *, boxes=None, points=None, point_labels=None, multimask_output=False,
+                    trim="off", tau=1.0):
+            self.calls.append((trim, tau))
+            out = super().forward(images, boxes=boxes, points=points, point_labels=point_labels,
+                                  multimask_output=multimask_output)
+            if trim != "off":
+                out.image_embeddings = out.image_embeddings * 0.5 + 0.1  # a student that differs from its teacher
+            out.cost_ratio = torch.full((images.shape[0],), 1.0 if trim == "off" else 0.7)
+            return out
+
+    objective, recipe = seg_objective()
+    model = TrimmingSam(recipe.model.config)
+    model.calls = []
+    result = objective(model, seg_batch(), 0)
+    assert [mode for mode, _ in model.calls] == ["train", "off"], "the student trims, the teacher does not"
+    assert model.calls[0][1] == objective.tau(0)
+    assert result.terms["cost_ratio"] == pytest.approx(0.7)
+    assert result.terms["loss/cost"] == pytest.approx((0.7 - objective.target(0)) ** 2)
+    assert result.terms["loss/distill"] > 0
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -276,3 +332,45 @@ def test_train_then_eval_seg_end_to_end(seg_shards, tmp_path, capsys, one_thread
     assert result["cost_ratio"]["mean"] == 1.0 and result["speed"]["batch8"]["batch_size"] == 8
     assert result["speed"]["batch1"]["full_ms"] > 0 and not result["speed"]["trimmed"]
     assert (run / "step_6" / "eval" / result["figures"][0]).stat().st_size > 0
+
+
+def test_a_segment_anything_checkpoint_is_a_starting_point(seg_shards, tmp_path, capsys, one_thread):
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+    from segment_anything.modeling import Sam as OfficialSam
+
+    from trim.models import load_model
+    from trim.train.cli import main as train_main
+
+    grid = SIZE // 4
+    encoder = ImageEncoderViT(img_size=SIZE, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
+                              out_chans=32, window_size=4, global_attn_indexes=(1,), use_rel_pos=True,
+                              norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6))  # fmt: skip
+    prompt = PromptEncoder(embed_dim=32, image_embedding_size=(grid, grid), input_image_size=(SIZE, SIZE),
+                           mask_in_chans=8)  # fmt: skip
+    decoder = MaskDecoder(transformer_dim=32, transformer=TwoWayTransformer(depth=2, embedding_dim=32, num_heads=8,
+                                                                            mlp_dim=48), iou_head_hidden_dim=24)
+    official = OfficialSam(encoder, prompt, decoder)
+    with torch.no_grad():
+        official.image_encoder.patch_embed.proj.weight.normal_()
+    torch.save(official.state_dict(), tmp_path / "sam_tiny.pth")
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["model"] = {"pretrained": str(tmp_path / "sam_tiny.pth"), "family": "sam", "task": "seg", "sam": {
+        "encoder": {"image_size": SIZE, "patch_size": 4, "width": 32, "depth": 2, "heads": 4, "mlp_ratio": 2.0,
+                    "window_size": 4, "global_attn_indexes": [1], "out_chans": 32},
+        "decoder": {"mask_in_chans": 8, "depth": 2, "heads": 8, "mlp_dim": 48, "iou_head_hidden_dim": 24}}}
+    raw["data"].update(root=str(seg_shards), image_size=SIZE, batch_size=2, num_workers=0, shuffle_buffer=4)
+    raw["train"].update(steps=1, lr=1e-12, warmup=0, eval_every=0, eval_at_end=False, progress=False)
+    raw["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "sam.yaml").write_text(yaml.safe_dump(raw))
+    assert train_main([str(tmp_path / "sam.yaml")]) == 0
+    trained = load_model(tmp_path / "runs" / raw["name"])
+    assert torch.allclose(trained.image_encoder.patch_embed.weight, official.image_encoder.patch_embed.proj.weight,
+                          atol=1e-6), "training started from the checkpoint's weights"
+
+    raw["model"]["sam"]["encoder"]["width"] = 64
+    (tmp_path / "sam.yaml").write_text(yaml.safe_dump({**raw, "name": "other"}))
+    capsys.readouterr()
+    assert train_main([str(tmp_path / "sam.yaml")]) == 2, "a recipe that misdescribes the checkpoint is refused"
+    err = capsys.readouterr().err
+    assert "converts to a different architecture" in err and "sam.encoder.width" in err

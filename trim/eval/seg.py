@@ -196,7 +196,8 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
 
     loader = build_loader(split["urls"], "seg", batch_size=options.batch_size, mode="eval", image_size=size,
                           num_workers=options.workers, mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD)  # fmt: skip
-    evaluator = PromptedSegEvaluator(ImagePredictor(model, size), n_clicks=options.n_clicks, modes=MODES)
+    predictor = ImagePredictor(model, size)
+    evaluator = PromptedSegEvaluator(predictor, n_clicks=options.n_clicks, modes=MODES)
     mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1) * 255
     images = empty = 0
@@ -214,7 +215,7 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
             costs += cost.float().cpu().tolist() if cost is not None else [1.0] * len(pixels)
             speed_images += [p for p in pixels[: max(SPEED_BATCHES) - len(speed_images)]]
             for i in range(len(pixels)):
-                evaluator.predict_fn.set_image(embeddings[i])
+                predictor.set_image(embeddings[i])
                 image = (pixels[i] * std + mean).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 gts, predicted = [], []
                 for j, mask in enumerate(batch["masks"][i].bool().numpy()):
@@ -226,7 +227,7 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
                     evaluator.update({"image": image, "mask": mask, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area})
                     if len(figure_items) < options.figures:
                         gts.append(mask)
-                        predicted.append(evaluator.predict_fn(image, None, None, np.array([x0, y0, x1, y1]))[0][0])
+                        predicted.append(predictor(image, None, None, np.array([x0, y0, x1, y1]))[0][0])
                 if gts:
                     figure_items.append({"image": image, "true": gts, "predicted": predicted,
                                          "box_ious": evaluator.ious["box"][-len(gts):]})

@@ -41,6 +41,10 @@ step r is set so that the model's cost equals ``target(step)`` (`trim.prune.keep
 tabulated on the first batch); their cost term is then ~0 and carries no gradient. They are
 not calibrated after training (``calibrates = False``): r already meets the target.
 
+Prompted segmentation (``method: seg``, the sam family): SAM's loss over box, click and
+refinement-click prompts, plus the cost and distillation terms when the encoder trims; see
+`PromptedSegmentation`.
+
 Later methods register themselves in ``METHODS`` with ``@register("name")``.
 """
 
@@ -360,48 +364,32 @@ class PromptedSegmentation(SmartTrim):
         return "eval"
 
     def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
-        from trim.train.seg_loss import downsample_targets, mask_losses, select_best, valid_mean
         from trim.models.sam_prompts import trim_kwargs
+        from trim.train.seg_loss import PromptRounds, downsample_targets
         from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
 
         cfg, seg = self.cfg, self.cfg.seg
         sam = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: predict() lives on the model
         images, masks, valid = batch["pixel_values"], batch["object_masks"], batch["object_valid"]
-        size = images.shape[-1]
-        boxes = jitter_boxes(batch["object_boxes"], size, noise=seg.box_noise, max_noise=seg.box_max_noise)
-        trimming = trim_kwargs(sam, "train", self.tau(step))
-        out = model(images, boxes=boxes, **trimming)  # through the wrapper: the encoder's gradients sync
-        targets = downsample_targets(masks, tuple(out.masks.shape[-2:]))
-        rounds: list[tuple[Tensor, Tensor]] = []
-        parts: dict[str, list[Tensor]] = {"focal": [], "dice": [], "iou": []}
-
-        def add_round(logits: Tensor, iou_pred: Tensor) -> Tensor:
-            """Adds this round's loss; returns the chosen mask's logits (B, K, h, w) for the next click."""
-            loss, iou_mse, detail = mask_losses(logits, iou_pred, targets, focal_weight=seg.focal,
-                                                dice_weight=seg.dice, focal_alpha=seg.focal_alpha)  # fmt: skip
-            best = select_best(loss)[..., None]
-            rounds.append((loss.gather(-1, best).squeeze(-1), iou_mse.mean(-1)))
-            for name in parts:
-                parts[name].append(detail[name].gather(-1, best).squeeze(-1))
-            return logits.gather(-3, best[..., None, None].expand(*logits.shape[:-3], 1, *logits.shape[-2:]))[:, :, 0]
-
-        add_round(out.masks, out.iou)
-        points, labels = first_clicks(masks), torch.ones(masks.shape[:2] + (1,), dtype=torch.long, device=masks.device)
+        boxes = jitter_boxes(batch["object_boxes"], images.shape[-1], noise=seg.box_noise, max_noise=seg.box_max_noise)
+        out = model(images, boxes=boxes, **trim_kwargs(sam, "train", self.tau(step)))  # via the wrapper: DDP syncs
+        rounds = PromptRounds(downsample_targets(masks, tuple(out.masks.shape[-2:])), valid, focal_weight=seg.focal,
+                              dice_weight=seg.dice, focal_alpha=seg.focal_alpha)  # fmt: skip
+        rounds.add("box", out.masks, out.iou)
+        points = first_clicks(masks)
+        labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device)
         click = sam.predict(out.image_embeddings, points=points, point_labels=labels, multimask_output=True)
-        chosen = add_round(click.masks, click.iou)
-        for _ in range(seg.click_rounds):
+        chosen = rounds.add("click", click.masks, click.iou)
+        for r in range(seg.click_rounds):
             pred = F.interpolate(chosen.detach().float(), size=masks.shape[-2:], mode="bilinear") > 0
             more, more_labels = error_clicks(pred, masks)
             points, labels = torch.cat([points, more], -2), torch.cat([labels, more_labels], -1)
             refined = sam.predict(out.image_embeddings, points=points, point_labels=labels)
-            chosen = add_round(refined.masks, refined.iou)
+            chosen = rounds.add(f"click{r + 2}", refined.masks, refined.iou)
 
-        mask_term = torch.stack([valid_mean(m, valid) for m, _ in rounds]).mean()
-        iou_term = torch.stack([valid_mean(i, valid) for _, i in rounds]).mean()
+        mask_term, iou_term = rounds.mask_term(), rounds.iou_term()
         loss = cfg.task_weight * (mask_term + seg.iou * iou_term)
-        terms = {"loss/mask": float(mask_term.detach()), "loss/iou_mse": float(iou_term.detach())}
-        for name, values in parts.items():
-            terms[f"loss/{name}" if name != "iou" else "train_miou"] = float(valid_mean(values[-1], valid).detach())
+        terms = {"loss/mask": float(mask_term.detach()), "loss/iou_mse": float(iou_term.detach()), **rounds.logged}
         cost_ratio = getattr(out, "cost_ratio", None)
         if cost_ratio is not None:
             target = self.target(step)

@@ -85,3 +85,41 @@ def valid_mean(values: Tensor, valid: Tensor) -> Tensor:
     """Mean of ``values`` over the ``valid`` entries (padding objects excluded); 0 when none is valid."""
     w = valid.to(values.dtype)
     return (values * w).sum() / w.sum().clamp_min(1.0)
+
+
+class PromptRounds:
+    """The losses of one step's prompt rounds (box, click, refinements) on the same objects.
+
+    ``add`` scores a round's masks (B, K, M, h, w) and IoU predictions (B, K, M), keeps the
+    lowest-loss mask of each object (the only one when M = 1) and returns its logits (B, K, h, w)
+    for the next click. The step's terms are means over rounds of means over valid objects.
+    """
+
+    def __init__(self, targets: Tensor, valid: Tensor, *, focal_weight: float, dice_weight: float,
+                 focal_alpha: float | None) -> None:
+        self.targets, self.valid = targets, valid
+        self.weights = dict(focal_weight=focal_weight, dice_weight=dice_weight, focal_alpha=focal_alpha)
+        self.mask_losses: list[Tensor] = []
+        self.iou_losses: list[Tensor] = []
+        self.logged: dict[str, float] = {}
+
+    def add(self, name: str, logits: Tensor, iou_pred: Tensor) -> Tensor:
+        loss, iou_mse, parts = mask_losses(logits, iou_pred, self.targets, **self.weights)
+        best = select_best(loss)[..., None]
+
+        def chosen(values: Tensor) -> Tensor:
+            return valid_mean(values.gather(-1, best).squeeze(-1), self.valid)
+
+        self.mask_losses.append(chosen(loss))
+        self.iou_losses.append(valid_mean(iou_mse.mean(-1), self.valid))  # every mask's IoU prediction learns
+        for part in ("focal", "dice"):
+            self.logged[f"loss/{part}/{name}"] = float(chosen(parts[part]).detach())
+        self.logged[f"train_miou/{name}"] = float(chosen(parts["iou"]).detach())
+        index = best[..., None, None].expand(*logits.shape[:-3], 1, *logits.shape[-2:])
+        return logits.gather(-3, index).squeeze(-3)
+
+    def mask_term(self) -> Tensor:
+        return torch.stack(self.mask_losses).mean()
+
+    def iou_term(self) -> Tensor:
+        return torch.stack(self.iou_losses).mean()
