@@ -48,9 +48,10 @@ def test_dice_of_identical_masks_is_zero_and_of_disjoint_ones_nearly_one():
 
 def test_focal_loss_known_values():
     zero = torch.zeros(1, 4, 4)
-    # logit 0: p = 1/2, BCE = ln 2, (1 - p_t)^2 = 1/4; alpha_t = 0.25 on the object, 0.75 off it
-    assert focal_loss(zero, torch.ones(1, 4, 4)).item() == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
-    assert focal_loss(zero, torch.zeros(1, 4, 4)).item() == pytest.approx(0.75 * 0.25 * math.log(2), rel=1e-6)
+    # logit 0: p = 1/2, BCE = ln 2, (1 - p_t)^2 = 1/4; with alpha, alpha_t = 0.25 on the object, 0.75 off it
+    assert focal_loss(zero, torch.ones(1, 4, 4)).item() == pytest.approx(0.25 * math.log(2), rel=1e-6)
+    assert focal_loss(zero, torch.ones(1, 4, 4), alpha=0.25).item() == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
+    assert focal_loss(zero, torch.zeros(1, 4, 4), alpha=0.25).item() == pytest.approx(0.75 * 0.25 * math.log(2), rel=1e-6)
     # a confident right answer costs almost nothing, a confident wrong one a lot
     assert focal_loss(torch.full((1, 4, 4), 8.0), torch.ones(1, 4, 4)).item() < 1e-6
     assert focal_loss(torch.full((1, 4, 4), -8.0), torch.ones(1, 4, 4)).item() > 1.0

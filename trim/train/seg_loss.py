@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # RetinaNet's sigmoid focal loss defaults, which SAM's loss builds on
+FOCAL_GAMMA = 2.0  # the sigmoid focal loss's (RetinaNet) exponent
 
 
 def downsample_targets(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -32,8 +32,7 @@ def downsample_targets(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return flat.reshape(*lead, *size)
 
 
-def focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = FOCAL_ALPHA,
-               gamma: float = FOCAL_GAMMA) -> Tensor:
+def focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = None, gamma: float = FOCAL_GAMMA) -> Tensor:
     """Sigmoid focal loss, mean over pixels: alpha_t (1 - p_t)^gamma BCE(logits, targets).
 
     ``alpha`` weighs the object's pixels (``1 - alpha`` the background's); None weighs both alike.
@@ -63,7 +62,7 @@ def iou_target(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def mask_losses(logits: Tensor, iou_pred: Tensor, targets: Tensor, *, focal_weight: float, dice_weight: float,
-                focal_alpha: float | None = FOCAL_ALPHA) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                focal_alpha: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Per mask: (focal_weight * focal + dice_weight * dice, IoU-head MSE, the unweighted parts).
 
     ``logits`` (..., M, h, w) against ``targets`` (..., h, w), broadcast over the M masks;
