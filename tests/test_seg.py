@@ -269,29 +269,23 @@ def test_the_seg_objective_trains_the_full_model_without_trimming():
     assert model.image_encoder.patch_embed.weight.grad.abs().sum() > 0, "the masks' loss reaches the encoder"
 
 
-def test_cost_and_distillation_join_when_the_encoder_trims():
-    from trim.models.sam import Sam
-
-    class TrimmingSam(Sam):  # what the encoder's trimming adds: trim= / tau= in, cost_ratio out
-        def forward(self, images, *, boxes=None, points=None, point_labels=None, multimask_output=False,
-                    trim="off", tau=1.0):
-            self.calls.append((trim, tau))
-            out = super().forward(images, boxes=boxes, points=points, point_labels=point_labels,
-                                  multimask_output=multimask_output)
-            if trim != "off":
-                out.image_embeddings = out.image_embeddings * 0.5 + 0.1  # a student that differs from its teacher
-            out.cost_ratio = torch.full((images.shape[0],), 1.0 if trim == "off" else 0.7)
-            return out
-
+@pytest.mark.parametrize("prompt_aware", [False, True])
+def test_cost_and_distillation_join_when_the_encoder_trims(prompt_aware):
     objective, recipe = seg_objective()
-    model = TrimmingSam(recipe.model.config)
-    model.calls = []
+    cfg = recipe.model.config
+    cfg.sam.trim.token_layers, cfg.sam.trim.prompt_aware = [2], prompt_aware
+    model = create_model(cfg.validate())
+    with torch.no_grad():  # trimmers that start by dropping tokens, so student and teacher differ
+        for trimmer in model.image_encoder.token_trimmers.values():
+            for param in trimmer.parameters():
+                param.normal_()
     result = objective(model, seg_batch(), 0)
-    assert [mode for mode, _ in model.calls] == ["train", "off"], "the student trims, the teacher does not"
-    assert model.calls[0][1] == objective.tau(0)
-    assert result.terms["cost_ratio"] == pytest.approx(0.7)
-    assert result.terms["loss/cost"] == pytest.approx((0.7 - objective.target(0)) ** 2)
-    assert result.terms["loss/distill"] > 0
+    result.loss.backward()
+    terms = result.terms
+    assert terms["cost_ratio"] < 1 and terms["loss/cost"] == pytest.approx((terms["cost_ratio"] - objective.target(0)) ** 2)
+    assert terms["loss/distill"] > 0 and terms["tau"] == objective.tau(0)
+    trimmer = next(iter(model.image_encoder.token_trimmers.values()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trimmer.parameters()), "the trimmers learn"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -375,3 +369,24 @@ def test_a_segment_anything_checkpoint_is_a_starting_point(seg_shards, tmp_path,
     assert train_main([str(tmp_path / "sam.yaml")]) == 2, "a recipe that misdescribes the checkpoint is refused"
     err = capsys.readouterr().err
     assert "converts to a different architecture" in err and "sam.encoder.width" in err
+
+
+@pytest.mark.parametrize("prompt_aware", [False, True])
+def test_eval_of_a_trimming_encoder_times_full_against_trimmed(seg_shards, tmp_path, capsys, one_thread,
+                                                               prompt_aware):
+    from trim.eval.cli import main as eval_main
+    from trim.models import save_model
+
+    cfg = ModelConfig.from_dict({"family": "sam", "task": "seg", "sam": {
+        "encoder": {"image_size": SIZE, "patch_size": 4, "width": 32, "depth": 3, "window_size": 4,
+                    "global_attn_indexes": [2]},
+        "trim": {"token_layers": [1], "token_keep": 0.5, "prompt_aware": prompt_aware}}})
+    save_model(create_model(cfg), tmp_path / "trimmed")
+    assert eval_main([str(tmp_path / "trimmed"), "--task", "seg", "--data", str(seg_shards), "--max-samples", "3",
+                      "--clicks", "2", "--warmup", "0", "--repeats", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "trimmed" / "eval" / "seg.json").read_text())
+    assert result["samples"] == 3 and not result["complete"]
+    assert 0 < result["cost_ratio"]["mean"] < 0.9, "the trimmers keep half of each window's tokens"
+    assert result["speed"]["trimmed"] and result["speed"]["batch1"]["speedup"] > 0
+    assert "encoder speed batch 1: trimmed" in printed and "batch 3: trimmed" in printed, "8 asked, 3 read"

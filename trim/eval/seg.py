@@ -22,7 +22,8 @@ Cost and speed
     ``trim="eval"`` when the model trims (1.0 otherwise). Speed (invariant 5) times the image
     encoder on the first images of the split at batch 1 and batch 8 with `trim.eval.speed`'s
     interleaved loop: full (``trim="off"``) against trimmed (``trim="eval"``) when the model trims,
-    the full encoder alone when it does not.
+    the full encoder alone when it does not. With prompt-aware trimming each prompt is its own
+    encoder pass; an image's cost is the mean over its prompts.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from trim.eval.metrics.seg import LARGE_AREA, MODES, SMALL_AREA, PromptedSegEval
 from trim.eval.output import check_writable, output_stem, write_json
 from trim.eval.result import EVAL_FORMAT, run_name
 from trim.eval.speed import median, time_interleaved
-from trim.models.sam_prompts import trim_kwargs
+from trim.models.sam_prompts import encoder_trims, prompt_round
 from trim.ranks import rank_and_world
 
 SIZE_BUCKETS = ("relative", "coco")
@@ -76,27 +77,34 @@ class SegOptions:
             raise ConfigError(f"--warmup {self.warmup} must be >= 0 and --repeats {self.repeats} >= 1")
 
 
-def encode(model: Any, pixels: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Image embeddings and the encoder's per-image cost ratio (None: the model does not trim).
+def encode(model: Any, pixels: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings and the encoder's per-image cost ratio.
 
-    ``Sam.forward`` is the interface trimming extends (``trim=``, ``cost_ratio``), so the encoder
-    runs through it; one whole-image box per image rides along and its mask is not used.
+    ``Sam.forward`` is where trimming lives (``trim=``, ``cost_ratio``), so the encoder runs
+    through it; one whole-image box per image rides along and its mask is not used (with
+    prompt-aware trimming the encoder is conditioned on that box: `ImagePredictor` re-encodes).
     """
     size = pixels.shape[-1]
     whole = torch.tensor([0.0, 0.0, size, size], device=pixels.device).expand(pixels.shape[0], 1, 4)
-    out = model(pixels, boxes=whole, **trim_kwargs(model, mode))
-    return out.image_embeddings, getattr(out, "cost_ratio", None)
+    out = model(pixels, boxes=whole, trim=mode)
+    return out.image_embeddings, out.cost_ratio
 
 
 class ImagePredictor:
-    """`PromptedSegEvaluator`'s ``predict_fn`` for one encoded image at a time (``set_image``)."""
+    """`PromptedSegEvaluator`'s ``predict_fn`` for one encoded image at a time (``set_image``).
 
-    def __init__(self, model: Any, size: int) -> None:
-        self.model, self.size = model, size
+    With prompt-aware trimming every prompt is its own encoder pass (`prompt_round`); ``costs``
+    collects their cost ratios.
+    """
+
+    def __init__(self, model: Any, size: int, trim: str) -> None:
+        self.model, self.size, self.trim = model, size, trim
         self.embedding: torch.Tensor | None = None
+        self.pixels: torch.Tensor | None = None
+        self.costs: list[float] = []
 
-    def set_image(self, embedding: torch.Tensor) -> None:
-        self.embedding = embedding[None]
+    def set_image(self, embedding: torch.Tensor, pixels: torch.Tensor) -> None:
+        self.embedding, self.pixels, self.costs = embedding[None], pixels[None], []
 
     def __call__(self, image: np.ndarray, points: np.ndarray | None, labels: np.ndarray | None,
                  box: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +116,10 @@ class ImagePredictor:
             prompts["points"] = torch.as_tensor(points, dtype=torch.float32, device=device).view(1, 1, -1, 2)
             prompts["point_labels"] = torch.as_tensor(labels, dtype=torch.long, device=device).view(1, 1, -1)
         ambiguous = box is None and points is not None and len(points) == 1  # SAM: 3 masks for one click
-        out = self.model.predict(self.embedding, multimask_output=ambiguous, **prompts)
+        out = prompt_round(self.model, self.pixels, self.embedding, trim=self.trim, multimask_output=ambiguous,
+                           **prompts)  # fmt: skip
+        if self.model.image_encoder.prompt_aware:
+            self.costs.append(float(out.cost_ratio[0]))
         logits = F.interpolate(out.masks[0, 0].float()[None], size=(self.size, self.size), mode="bilinear",
                                align_corners=False)[0]  # fmt: skip
         return (logits > 0).cpu().numpy(), out.iou[0, 0].float().cpu().numpy()
@@ -196,7 +207,8 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
 
     loader = build_loader(split["urls"], "seg", batch_size=options.batch_size, mode="eval", image_size=size,
                           num_workers=options.workers, mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD)  # fmt: skip
-    predictor = ImagePredictor(model, size)
+    trim = "eval" if encoder_trims(model) else "off"
+    predictor = ImagePredictor(model, size, trim)
     evaluator = PromptedSegEvaluator(predictor, n_clicks=options.n_clicks, modes=MODES)
     mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1) * 255
@@ -211,11 +223,10 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
             pixels = batch["pixel_values"]
             if options.max_samples is not None:
                 pixels = pixels[: options.max_samples - images]
-            embeddings, cost = encode(model, pixels.to(dev), "eval")
-            costs += cost.float().cpu().tolist() if cost is not None else [1.0] * len(pixels)
+            embeddings, cost = encode(model, pixels.to(dev), trim)
             speed_images += [p for p in pixels[: max(SPEED_BATCHES) - len(speed_images)]]
             for i in range(len(pixels)):
-                predictor.set_image(embeddings[i])
+                predictor.set_image(embeddings[i], pixels[i].to(dev))
                 image = (pixels[i] * std + mean).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 gts, predicted = [], []
                 for j, mask in enumerate(batch["masks"][i].bool().numpy()):
@@ -228,6 +239,7 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
                     if len(figure_items) < options.figures:
                         gts.append(mask)
                         predicted.append(predictor(image, None, None, np.array([x0, y0, x1, y1]))[0][0])
+                costs.append(float(np.mean(predictor.costs)) if predictor.costs else float(cost[i]))
                 if gts:
                     figure_items.append({"image": image, "true": gts, "predicted": predicted,
                                          "box_ious": evaluator.ious["box"][-len(gts):]})
@@ -243,7 +255,7 @@ def _run_pass(model: Any, split: dict[str, Any], size: int, dev: torch.device, o
 def measure_encoder_speed(model: Any, images: torch.Tensor, device: torch.device, *, warmup: int,
                           repeats: int) -> dict[str, Any]:
     """Encoder wall clock at batch 1 and 8 (fewer if the split has fewer images), full vs trimmed if it trims."""
-    trims = encode(model, images[:1].to(device), "eval")[1] is not None
+    trims = encoder_trims(model)
     result: dict[str, Any] = {
         "method": (f"the image encoder through Sam.forward (one box per image), trim='off' (full)"
                    f"{' and trim=eval (trimmed) called alternately' if trims else ''} by "

@@ -1,4 +1,5 @@
-"""segment-anything's prompt encoder + mask decoder run on a whole batch of images at once.
+"""segment-anything's prompt encoder + mask decoder on a whole batch of images at once, and how
+training and evaluation prompt a SAM whose encoder may trim.
 
 segment-anything's ``MaskDecoder`` takes one image and its P prompts per call: it repeats the
 image embedding P times inside. `decode_batch` does the same computation for B images with P
@@ -10,7 +11,6 @@ rounding (tests/test_seg.py).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -49,13 +49,17 @@ def decode_batch(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, image
     return masks.reshape(b, p, *masks.shape[1:]), iou.reshape(b, p, -1)
 
 
-def trim_kwargs(sam: Any, mode: str, tau: float = 1.0) -> dict[str, Any]:
-    """``trim=mode`` (and ``tau=`` in training) for a SAM whose ``forward`` takes them, else nothing.
+def encoder_trims(sam: Any) -> bool:
+    """Whether the SAM's image encoder has token trimmers or big.LITTLE routers (``model.sam.trim``):
+    only then do the cost and distillation terms and a full-vs-trimmed timing mean anything."""
+    encoder = sam.image_encoder
+    return bool(len(getattr(encoder, "token_trimmers", ())) or len(getattr(encoder, "routers", ())))
 
-    Trimming is the image encoder's (window-wise trimming, big.LITTLE routing); the objective and
-    the evaluation call ``Sam.forward`` through this, so they run a model with or without it.
-    """
-    params = inspect.signature(type(sam).forward).parameters
-    if "trim" not in params:
-        return {}
-    return {"trim": mode, "tau": tau} if mode == "train" and "tau" in params else {"trim": mode}
+
+def prompt_round(sam: Any, images: Tensor, image_embeddings: Tensor, *, trim: str, tau: float = 1.0,
+                 **prompts: Any) -> Any:
+    """Another set of prompts for images already encoded: the mask decoder on their embeddings, or,
+    when the encoder trims per prompt (prompt-aware trimming), a new encoder pass per prompt."""
+    if getattr(sam.image_encoder, "prompt_aware", False) and trim != "off":
+        return sam(images, trim=trim, tau=tau, **prompts)
+    return sam.predict(image_embeddings, **prompts)

@@ -345,10 +345,11 @@ class PromptedSegmentation(SmartTrim):
     previous round's error (single mask). Objects are the batch's ``object_*`` tensors
     (``data.seg_objects`` per image); padding objects are left out of every mean.
 
-    Trimming is the encoder's business: when ``Sam.forward`` takes ``trim=`` the student runs
-    ``trim="train"`` at the Gumbel temperature ``tau(step)``; the cost and distillation terms join
-    when its output carries a ``cost_ratio`` (the teacher, ``trim="off"`` under no_grad, runs only
-    then). Without trimmers this trains the full model.
+    Trimming is the encoder's (``model.sam.trim``): when it has token trimmers or big.LITTLE routers
+    the student runs ``trim="train"`` at the Gumbel temperature ``tau(step)`` and the cost and
+    distillation terms join (the teacher, the same encoder with ``trim="off"`` under no_grad, runs
+    only then); with prompt-aware trimming every prompt round is its own encoder pass. Without
+    trimmers this trains the full model.
     """
 
     def __init__(self, cfg: Any, *, task: str) -> None:
@@ -364,7 +365,8 @@ class PromptedSegmentation(SmartTrim):
         return "eval"
 
     def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
-        from trim.models.sam_prompts import trim_kwargs
+        from trim.models.sam_prompts import encoder_trims, prompt_round
+        from trim.prune.distill import feature_distillation
         from trim.train.seg_loss import PromptRounds, downsample_targets
         from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
 
@@ -372,37 +374,41 @@ class PromptedSegmentation(SmartTrim):
         sam = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: predict() lives on the model
         images, masks, valid = batch["pixel_values"], batch["object_masks"], batch["object_valid"]
         boxes = jitter_boxes(batch["object_boxes"], images.shape[-1], noise=seg.box_noise, max_noise=seg.box_max_noise)
-        out = model(images, boxes=boxes, **trim_kwargs(sam, "train", self.tau(step)))  # via the wrapper: DDP syncs
+        trim, tau = ("train", self.tau(step)) if encoder_trims(sam) else ("off", 1.0)
+        out = model(images, boxes=boxes, trim=trim, tau=tau)  # through the wrapper: DDP syncs the encoder
         rounds = PromptRounds(downsample_targets(masks, tuple(out.masks.shape[-2:])), valid, focal_weight=seg.focal,
                               dice_weight=seg.dice, focal_alpha=seg.focal_alpha)  # fmt: skip
         rounds.add("box", out.masks, out.iou)
         points = first_clicks(masks)
         labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device)
-        click = sam.predict(out.image_embeddings, points=points, point_labels=labels, multimask_output=True)
+        click = prompt_round(sam, images, out.image_embeddings, trim=trim, tau=tau, points=points, point_labels=labels,
+                             multimask_output=True)  # fmt: skip
         chosen = rounds.add("click", click.masks, click.iou)
         for r in range(seg.click_rounds):
             pred = F.interpolate(chosen.detach().float(), size=masks.shape[-2:], mode="bilinear") > 0
             more, more_labels = error_clicks(pred, masks)
             points, labels = torch.cat([points, more], -2), torch.cat([labels, more_labels], -1)
-            refined = sam.predict(out.image_embeddings, points=points, point_labels=labels)
+            refined = prompt_round(sam, images, out.image_embeddings, trim=trim, tau=tau, points=points,
+                                   point_labels=labels)  # fmt: skip
             chosen = rounds.add(f"click{r + 2}", refined.masks, refined.iou)
 
         mask_term, iou_term = rounds.mask_term(), rounds.iou_term()
         loss = cfg.task_weight * (mask_term + seg.iou * iou_term)
         terms = {"loss/mask": float(mask_term.detach()), "loss/iou_mse": float(iou_term.detach()), **rounds.logged}
-        cost_ratio = getattr(out, "cost_ratio", None)
-        if cost_ratio is not None:
+        if trim == "train":  # the box round's cost: with prompt-aware trimming each round pays its own
             target = self.target(step)
-            ratio = global_mean(cost_ratio.float().mean())
+            ratio = global_mean(out.cost_ratio.float().mean())
             cost = (ratio - target) ** 2
             loss = loss + cfg.lambda_cost * cost
             terms.update({"loss/cost": float(cost.detach()), "cost_ratio": float(ratio.detach()), "target": target,
                           "tau": self.tau(step)})
             if cfg.distill.weight > 0:
                 with torch.no_grad():
-                    ref = model(images, boxes=boxes, **trim_kwargs(sam, "off", 1.0))
-                d = hidden_cosine(out.image_embeddings.flatten(2).transpose(1, 2).float(),
-                                  ref.image_embeddings.flatten(2).transpose(1, 2).float())  # fmt: skip
+                    teacher_embeddings = sam.image_embeddings(images)
+                # prompt-aware trimming encodes each of an image's prompts: (B * P, ...), image-major
+                teacher_embeddings = teacher_embeddings.repeat_interleave(len(out.image_embeddings) // len(images), 0)
+                d = feature_distillation(out.image_embeddings.float(), teacher_embeddings.float(),
+                                         weight=1.0)  # fmt: skip
                 loss = loss + cfg.distill.weight * d
                 terms["loss/distill"] = float(d.detach())
         terms["loss"] = float(loss.detach())

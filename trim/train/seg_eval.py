@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trim.data.seg import deepest_points
+from trim.models.sam_prompts import encoder_trims, prompt_round
 
 
 def mask_ious(logits: Tensor, masks: Tensor) -> Tensor:
@@ -26,17 +27,20 @@ def mask_ious(logits: Tensor, masks: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def seg_eval_sums(model: Any, batch: dict[str, Any], trimming: dict[str, Any]) -> dict[str, float]:
-    """Sums over the batch's valid objects: box IoU, 1-click IoU, objects; and cost ratio over images."""
+def seg_eval_sums(model: Any, batch: dict[str, Any], trim: str) -> dict[str, float]:
+    """Sums over the batch's valid objects: box IoU, 1-click IoU, objects; and cost ratio over images.
+
+    ``trim``: the mode the encoder runs in when it trims (``off`` otherwise)."""
     masks, valid = batch["object_masks"], batch["object_valid"]
-    out = model(batch["pixel_values"], boxes=batch["object_boxes"], **trimming)
+    trim = trim if encoder_trims(model) else "off"
+    out = model(batch["pixel_values"], boxes=batch["object_boxes"], trim=trim)
     box = mask_ious(out.masks[:, :, 0], masks)
     points = deepest_points(masks).unsqueeze(-2)
     labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device)
-    click = model.predict(out.image_embeddings, points=points, point_labels=labels, multimask_output=True)
+    click = prompt_round(model, batch["pixel_values"], out.image_embeddings, trim=trim, points=points,
+                         point_labels=labels, multimask_output=True)  # fmt: skip
     best = click.iou.argmax(-1)[..., None, None, None].expand(-1, -1, 1, *click.masks.shape[-2:])
     one_click = mask_ious(click.masks.gather(2, best)[:, :, 0], masks)
     w = valid.float()
-    cost = getattr(out, "cost_ratio", None)
     return {"box_iou": float((box * w).sum()), "click_iou": float((one_click * w).sum()), "objects": float(w.sum()),
-            "cost": float(cost.float().sum()) if cost is not None else float(masks.shape[0])}
+            "cost": float(out.cost_ratio.float().sum())}

@@ -39,7 +39,6 @@ from trim.train.checkpoint import STATE_NAME, CheckpointIO, fault_point, latest_
 from trim.train.data import DataSources, TrainStream, add_reads, batch_size_of, no_reads
 from trim.train.distributed import (apply_launcher_env, check_devices, global_mean, load_deepspeed_config,
                                     make_accelerator)
-from trim.models.sam_prompts import trim_kwargs
 from trim.train.objectives import Objective, build_objective, kept_counts
 from trim.train.seg_eval import seg_eval_sums
 
@@ -662,7 +661,7 @@ class Trainer:
             rows = float(stop - start) * weight
             if task == "seg":
                 with self.acc.autocast():
-                    part_sums = seg_eval_sums(self.unwrapped, part, trim_kwargs(self.unwrapped, trim_mode))
+                    part_sums = seg_eval_sums(self.unwrapped, part, trim_mode)
                 sums["count"] += rows
                 for k, v in part_sums.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
