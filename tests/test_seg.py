@@ -390,3 +390,15 @@ def test_eval_of_a_trimming_encoder_times_full_against_trimmed(seg_shards, tmp_p
     assert 0 < result["cost_ratio"]["mean"] < 0.9, "the trimmers keep half of each window's tokens"
     assert result["speed"]["trimmed"] and result["speed"]["batch1"]["speedup"] > 0
     assert "encoder speed batch 1: trimmed" in printed and "batch 3: trimmed" in printed, "8 asked, 3 read"
+
+
+def test_sam_trimmers_and_routers_get_the_trimmer_learning_rate():
+    from trim.train.trainer import param_groups
+
+    cfg = ModelConfig.from_dict({"family": "sam", "task": "seg", "sam": {"trim": {"token_layers": [1],
+                                                                                  "route_layers": [2]}}})
+    model = create_model(cfg)
+    groups = param_groups(model, lr=1e-4, trimmer_lr=1e-2, weight_decay=0.0)
+    fast = {id(p) for g in groups if g["lr"] == 1e-2 for p in g["params"]}
+    trimmers = [*model.image_encoder.token_trimmers.parameters(), *model.image_encoder.routers.parameters()]
+    assert trimmers and fast == {id(p) for p in trimmers}

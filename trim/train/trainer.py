@@ -32,6 +32,7 @@ from trim.errors import ConfigError
 from trim.models.base import MODEL_INPUTS
 from trim.models.io import (WEIGHTS_NAME, load_model, load_weights, read_weights, resolve_checkpoint, transfer_weights,
                             trimmer_keys, write_calibration)
+from trim.prune import trimmer_modules
 from trim.prune.calibrate import calibrate, held_out_inputs
 from trim.prune.keep_ratio import CALIBRATION_SKIPPED, model_keep_ratio
 from trim.ranks import rank_and_world, rank_slice, slice_batch
@@ -72,7 +73,7 @@ def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight
     """
     lr_mult = dict(lr_mult or {})
     used = dict.fromkeys(lr_mult, False)
-    trimmer_ids = {id(p) for p in model.trimmer_parameters()} if hasattr(model, "trimmer_parameters") else set()
+    trimmer_ids = {id(p) for _, module in trimmer_modules(model) for p in module.parameters()}
     groups: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         prefix = max((k for k in lr_mult if name.startswith(k)), key=len, default=None)
@@ -258,8 +259,8 @@ class Trainer:
 
     def _groups(self, model: torch.nn.Module, objective: Objective) -> list[dict]:
         if not objective.trains_trimmers:
-            for p in getattr(model, "trimmer_parameters", tuple)():
-                p.requires_grad_(False)
+            for _, module in trimmer_modules(model):
+                module.requires_grad_(False)
         t = self.recipe.train
         return param_groups(model, lr=t.lr, trimmer_lr=t.trimmer_lr or t.lr, weight_decay=t.weight_decay,
                             lr_mult=t.lr_mult)
