@@ -194,7 +194,7 @@ def _read_split(root: Path, split: str) -> dict[str, Any]:
     if entry is None:
         have = sorted(manifest.get("tasks", {}).get("seg", {}))
         raise ConfigError(f"{root}/manifest.json has no seg/{split} split (seg splits: {have or 'none'}); write it with "
-                          "`trim data synth --tasks seg` or `trim data convert sa1b`, or pick --split")
+                          "`trim data synth --tasks seg` or `trim data sa1b`, or pick --split")
     return {"urls": split_urls(root, "seg", split), "expected": int(entry["samples"])}
 
 
