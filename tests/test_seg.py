@@ -402,3 +402,28 @@ def test_sam_trimmers_and_routers_get_the_trimmer_learning_rate():
     fast = {id(p) for g in groups if g["lr"] == 1e-2 for p in g["params"]}
     trimmers = [*model.image_encoder.token_trimmers.parameters(), *model.image_encoder.routers.parameters()]
     assert trimmers and fast == {id(p) for p in trimmers}
+
+
+def test_a_resumed_seg_run_trains_what_the_uninterrupted_one_did(seg_shards, tmp_path, one_thread):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from trim.train.cli import main as train_main
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["model"]["sam"]["encoder"].update(image_size=SIZE, width=32, depth=2, global_attn_indexes=[1], window_size=2)
+    raw["data"].update(root=str(seg_shards), image_size=SIZE, batch_size=4, num_workers=0, shuffle_buffer=16)
+    raw["train"].update(steps=4, save_every=2, eval_every=0, eval_at_end=False, progress=False)
+    raw["output_dir"] = str(tmp_path / "runs")
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert train_main([str(recipe)]) == 0
+    run = tmp_path / "runs" / raw["name"]
+    uninterrupted = load_file(str(run / "step_4" / "model.safetensors"))
+    shutil.rmtree(run / "step_4")  # as if the run had died after step 3
+    (run / "latest").write_text("step_2\n")
+    assert train_main([str(recipe), "train.resume=latest"]) == 0
+    resumed = load_file(str(run / "step_4" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items()), \
+        "same objects, prompts and noise after resuming"
