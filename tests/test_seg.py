@@ -427,3 +427,26 @@ def test_a_resumed_seg_run_trains_what_the_uninterrupted_one_did(seg_shards, tmp
     resumed = load_file(str(run / "step_4" / "model.safetensors"))
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items()), \
         "same objects, prompts and noise after resuming"
+
+
+def test_routers_added_by_init_from_start_from_their_blocks(seg_shards, tmp_path, one_thread):
+    from trim.models import load_model, save_model
+    from trim.train.cli import main as train_main
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["model"]["sam"]["encoder"].update(image_size=SIZE, width=32, depth=2, global_attn_indexes=[1], window_size=2)
+    plain = create_model(ModelConfig.from_dict({k: v for k, v in raw["model"].items()}))
+    with torch.no_grad():
+        plain.image_encoder.blocks[1].norm1.weight.normal_()
+    save_model(plain, tmp_path / "plain")
+    raw["model"] = {"init_from": str(tmp_path / "plain"), "sam": {"trim": {"route_layers": [1]}}}
+    raw["data"].update(root=str(seg_shards), image_size=SIZE, batch_size=2, num_workers=0, shuffle_buffer=4)
+    raw["train"].update(steps=1, lr=1e-12, trimmer_lr=1e-12, warmup=0, eval_every=0, eval_at_end=False,
+                        progress=False)
+    raw["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "routed.yaml").write_text(yaml.safe_dump(raw))
+    assert train_main([str(tmp_path / "routed.yaml")]) == 0
+    routed = load_model(tmp_path / "runs" / raw["name"])
+    little = routed.image_encoder.routers["1"].little
+    assert torch.allclose(little.norm1.weight, plain.image_encoder.blocks[1].norm1.weight, atol=1e-6), \
+        "the E-block was built from the trained P-block"

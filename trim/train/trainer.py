@@ -57,6 +57,13 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _little_from_big(model: torch.nn.Module, added: list[str]) -> None:
+    """big.LITTLE routers new to the starting weights: their E-blocks start from their P-blocks'
+    weights (`trim.prune.little_from_big`), not at random."""
+    if any(".routers." in key for key in added):
+        model.image_encoder.init_little_from_big()
+
+
 def eval_headline(record: dict[str, Any]) -> str:
     """The score of an eval record in words: accuracy (VQA, NLVR2) or box / 1-click mIoU (seg)."""
     if "box_miou" in record:
@@ -276,6 +283,7 @@ class Trainer:
         if sec.init_from:
             weights = Path(sec.init_from) / WEIGHTS_NAME
             added = load_weights(model, read_weights(weights), source=str(weights), fresh=trimmer_keys(model))
+            _little_from_big(model, added)
             log.info("initialised from %s (%d new trimmer tensors)", sec.init_from, len(added))
         return model
 
@@ -308,6 +316,7 @@ class Trainer:
         # Same backbone, other head or trimmers (e.g. a trim directory): rebuild and copy what fits.
         fresh = create_model(cfg)
         added = transfer_weights(model, fresh, source=f"model.pretrained={source!r}")
+        _little_from_big(fresh, added)
         log.info("started from %s (%d fresh head / trimmer tensors)", source, len(added))
         return fresh
 
