@@ -21,7 +21,7 @@ from trim.eval.metrics.seg import next_click
 from trim.models import ModelConfig, create_model
 from trim.train.seg_loss import (dice_loss, downsample_targets, focal_loss, iou_target, mask_losses, select_best,
                                  valid_mean)
-from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
+from trim.train.seg_prompts import deepest_error_clicks, error_clicks, first_clicks, jitter_boxes
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes_seg_sam_tiny_full.yaml"
 SIZE = 32
@@ -116,6 +116,20 @@ def test_error_clicks_are_labelled_by_the_side_of_the_error():
     x, y = points[0, 1, 0].long().tolist()
     assert labels[0, 1, 0] == 0 and x < 2 and y < 2
     assert labels[0, 2, 0] == -1, "an exact prediction gets no click"
+
+
+def test_deepest_refinement_clicks_are_the_evaluation_protocols_next_click():
+    gt = random_masks(2, 3, 24).bool()
+    pred = random_masks(2, 3, 24).bool()
+    pred[1, 2] = gt[1, 2]  # exact: no click
+    points, labels = deepest_error_clicks(pred, gt)
+    for i, j in np.ndindex(2, 3):
+        click = next_click(pred[i, j].numpy(), gt[i, j].numpy())
+        if click is None:
+            assert labels[i, j, 0] == -1
+            continue
+        assert points[i, j, 0].tolist() == [click.x, click.y] and labels[i, j, 0] == int(click.is_positive)
+    assert labels[1, 2, 0] == -1
 
 
 def test_boxes_keep_their_place_without_noise_and_stay_near_it_with():

@@ -200,6 +200,9 @@ class SegLossConfig:
     box_noise: float = 0.1  # box coordinate noise, std as a fraction of the box side (SAM: 10%)
     box_max_noise: float = 20.0  # ... at most this many pixels (SAM: 20 at 1024 px)
     click_rounds: int = 1  # refinement clicks after the first, each from the previous prediction's error
+    # where a refinement click goes: uniform over the error region (SAM), or its deepest point (RITM,
+    # the evaluation protocol; a CPU distance transform per object and round)
+    refine_clicks: Literal["uniform", "deepest"] = "uniform"
 
     def validate(self) -> None:
         for key in ("focal", "dice", "iou", "box_noise", "box_max_noise", "click_rounds"):

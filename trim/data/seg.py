@@ -117,17 +117,26 @@ def pad_objects(samples: list[dict], count: int) -> dict[str, torch.Tensor]:
     return {"object_masks": masks, "object_boxes": boxes, "object_areas": areas, "object_valid": valid}
 
 
-def deepest_points(masks: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) masks -> (..., 2) xy of each mask's deepest interior point (the maximum of the
-    Euclidean distance to the background, the image border counted as background; first maximum in
-    row-major order): the 1-click prompt of the evaluation protocol (trim.eval.metrics.seg)."""
+def interior_depth(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pixel of a bool (H, W) mask to the nearest pixel outside it, the
+    image border counted as outside (0 off the mask)."""
     from scipy.ndimage import distance_transform_edt
 
+    return distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
+def deepest_point(depth: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the first maximum of ``depth`` in row-major order."""
+    y, x = np.unravel_index(np.argmax(depth), depth.shape)
+    return float(x), float(y)
+
+
+def deepest_points(masks: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) masks -> (..., 2) xy of each mask's deepest interior point (`interior_depth`,
+    `deepest_point`): the 1-click prompt of the evaluation protocol (trim.eval.metrics.seg)."""
     flat = masks.reshape(-1, *masks.shape[-2:]).bool().cpu().numpy()
     out = torch.zeros(flat.shape[0], 2)
     for i, mask in enumerate(flat):
         if mask.any():
-            depth = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-            y, x = np.unravel_index(np.argmax(depth), depth.shape)
-            out[i] = torch.tensor([float(x), float(y)])
+            out[i] = torch.tensor(deepest_point(interior_depth(mask)))
     return out.reshape(*masks.shape[:-2], 2).to(masks.device)

@@ -342,7 +342,8 @@ class PromptedSegmentation(SmartTrim):
     Prompt rounds per step, all on one image embedding (the encoder runs once): a jittered box
     (single mask), one random click (three masks, the lowest-loss one backpropagated, as SAM does
     for ambiguous prompts), then ``seg.click_rounds`` refinements, each adding a click from the
-    previous round's error (single mask). Objects are the batch's ``object_*`` tensors
+    previous round's error (``seg.refine_clicks``: uniform as SAM, or deepest as the evaluation;
+    single mask). Objects are the batch's ``object_*`` tensors
     (``data.seg_objects`` per image); padding objects are left out of every mean.
 
     Trimming is the encoder's (``model.sam.trim``): when it has token trimmers or big.LITTLE routers
@@ -368,7 +369,7 @@ class PromptedSegmentation(SmartTrim):
         from trim.models.sam_prompts import encoder_trims, prompt_round
         from trim.prune.distill import feature_distillation
         from trim.train.seg_loss import PromptRounds, downsample_targets
-        from trim.train.seg_prompts import error_clicks, first_clicks, jitter_boxes
+        from trim.train.seg_prompts import REFINE_CLICKS, first_clicks, jitter_boxes
 
         cfg, seg = self.cfg, self.cfg.seg
         sam = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: predict() lives on the model
@@ -386,7 +387,7 @@ class PromptedSegmentation(SmartTrim):
         chosen = rounds.add("click", click.masks, click.iou)
         for r in range(seg.click_rounds):
             pred = F.interpolate(chosen.detach().float(), size=masks.shape[-2:], mode="bilinear") > 0
-            more, more_labels = error_clicks(pred, masks)
+            more, more_labels = REFINE_CLICKS[seg.refine_clicks](pred, masks)
             points, labels = torch.cat([points, more], -2), torch.cat([labels, more_labels], -1)
             refined = prompt_round(sam, images, out.image_embeddings, trim=trim, tau=tau, points=points,
                                    point_labels=labels)  # fmt: skip

@@ -6,6 +6,10 @@
 * **later clicks**: a point drawn uniformly from the error region of the previous prediction,
   positive where the object was missed (false negative), negative where background was taken
   (false positive); a prediction with no error gets a "not a point" (label -1) instead.
+  ``deepest`` instead places it as the evaluation does (RITM's clicker): at the deepest point of
+  the larger error region, positive if that is the miss. It costs a distance transform per
+  object and round on the CPU (cheap at 64 px, seconds per batch at 1024 px), and lifted the tiny
+  recipe's 5-click mIoU from 0.61 to 0.70 (docs/training.md).
 
 Evaluation uses the deterministic protocol of `trim.eval.metrics.seg` (deepest interior point,
 RITM's next click); training draws at random so the model sees more than one click per object.
@@ -16,6 +20,7 @@ RNG state is restored) draws the same prompts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,3 +71,25 @@ def error_clicks(pred: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     missed = gt.reshape(b * k, -1).gather(1, (ys * gt.shape[-1] + xs).reshape(b * k, 1)).reshape(b, k)
     labels = torch.where(found, missed.long(), torch.full_like(missed, -1, dtype=torch.long))
     return points.unsqueeze(-2), labels.unsqueeze(-1)
+
+
+def deepest_error_clicks(pred: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """As `error_clicks`, the click at the deepest point of the larger error region (positive if the
+    miss is deeper than the false alarm; ties negative), as the evaluation protocol clicks."""
+    from trim.data.seg import deepest_point, interior_depth
+
+    gt, pred = masks.bool().cpu().numpy(), pred.bool().cpu().numpy()
+    b, k = gt.shape[:2]
+    points = torch.zeros(b, k, 1, 2)
+    labels = torch.full((b, k, 1), -1, dtype=torch.long)
+    for i, j in np.ndindex(b, k):
+        missed, taken = interior_depth(gt[i, j] & ~pred[i, j]), interior_depth(pred[i, j] & ~gt[i, j])
+        if missed.max() == 0 and taken.max() == 0:
+            continue
+        positive = bool(missed.max() > taken.max())
+        points[i, j, 0] = torch.tensor(deepest_point(missed if positive else taken))
+        labels[i, j, 0] = int(positive)
+    return points.to(masks.device), labels.to(masks.device)
+
+
+REFINE_CLICKS = {"uniform": error_clicks, "deepest": deepest_error_clicks}
