@@ -174,10 +174,10 @@ def test_report(vqa_single, tmp_path, capsys):
     assert "different official tools (lavis, vqa-tools" in (tmp_path / "report2" / "report.md").read_text()
 
 
-def test_seg_fails_clearly(vqa_ckpt, data, capsys):
-    assert eval_main([str(vqa_ckpt), "--task", "seg", "--data", str(data)]) == 1
+def test_seg_of_a_vl_checkpoint_fails_clearly(vqa_ckpt, data, capsys):
+    assert eval_main([str(vqa_ckpt), "--task", "seg", "--data", str(data), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "no SAM-style prompted segmentation model" in err and "--task vqa" in err
+    assert "is a vqa model" in err and "--task vqa" in err
 
 
 def test_wrong_task_and_lost_samples_fail(vqa_ckpt, data, tmp_path, capsys):

@@ -38,7 +38,9 @@ from trim.models.config import ModelConfig
 from trim.models.io import LATEST_NAME, is_model_dir, read_config, resolve_checkpoint
 from trim.schema import build_dataclass, coerce, deep_merge, reject_unknown
 
-TRAIN_TASKS = ("vqa", "nlvr2")
+TRAIN_TASKS = ("vqa", "nlvr2", "seg")
+# Objectives that train the model as it is: they need no trimmer (seg trims only when the model has trimmers).
+METHODS_WITHOUT_TRIMMERS = ("none", "seg")
 MODEL_SOURCE_KEYS = ("init_from", "pretrained")
 
 
@@ -74,6 +76,7 @@ class DataConfig:
     # shards: each rank reads its own shards (scales; batches differ from a 1-process run).
     rank_split: Literal["batch", "shards"] = "batch"
     val_samples: int | None = None  # periodic evaluation reads at most this many val samples
+    seg_objects: int = 4  # seg: objects (masks + prompts) per image and step, chosen at random; padded when fewer
 
     def validate(self) -> None:
         if self.task not in TRAIN_TASKS:
@@ -94,6 +97,7 @@ class DataConfig:
             _positive("data.epoch_samples", self.epoch_samples)
         if self.val_samples is not None:
             _positive("data.val_samples", self.val_samples)
+        _positive("data.seg_objects", self.seg_objects)
 
 
 @dataclass
@@ -184,6 +188,33 @@ class GumbelConfig:
 
 
 @dataclass
+class SegLossConfig:
+    """SAM's loss and simulated prompts (``objective.method: seg``; trim.train.seg_loss / seg_prompts)."""
+
+    focal: float = 20.0  # SAM: focal : dice = 20 : 1
+    # focal loss weight of object pixels (background: 1 - alpha); null weighs both alike (fvcore's
+    # default; SAM does not say). RetinaNet's 0.25 shrank the tiny recipe's masks: box mIoU 0.70 vs 0.71
+    focal_alpha: float | None = None
+    dice: float = 1.0
+    iou: float = 1.0  # weight of the IoU head's MSE
+    box_noise: float = 0.1  # box coordinate noise, std as a fraction of the box side (SAM: 10%)
+    box_max_noise: float = 20.0  # ... at most this many pixels (SAM: 20 at 1024 px)
+    click_rounds: int = 1  # refinement clicks after the first, each from the previous prediction's error
+    # where a refinement click goes: uniform over the error region (SAM), or its deepest point (RITM,
+    # the evaluation protocol; a CPU distance transform per object and round)
+    refine_clicks: Literal["uniform", "deepest"] = "uniform"
+
+    def validate(self) -> None:
+        for key in ("focal", "dice", "iou", "box_noise", "box_max_noise", "click_rounds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"objective.seg.{key}={getattr(self, key)} must be >= 0")
+        if self.focal_alpha is not None and not 0 < self.focal_alpha < 1:
+            raise ConfigError(f"objective.seg.focal_alpha={self.focal_alpha} must be in (0, 1), or null")
+        if self.focal == 0 and self.dice == 0:
+            raise ConfigError("objective.seg.focal and objective.seg.dice are both 0: the masks would learn nothing")
+
+
+@dataclass
 class ObjectiveConfig:
     """loss = task_weight * task + lambda_cost * (E[cost ratio] - target(step))^2
     + distill.weight * distill(student, teacher) + hidden_cosine * (1 - cos(h_s, h_t))."""
@@ -205,8 +236,10 @@ class ObjectiveConfig:
     # how periodic evaluation runs the trimmed model: masked = inference's decisions and outputs,
     # cost per sample as if run alone; eval = gathered layout, cost includes each batch's padding
     eval_trim: Literal["masked", "eval"] = "masked"
+    seg: SegLossConfig = field(default_factory=SegLossConfig)
 
     def validate(self) -> None:
+        self.seg.validate()
         # objective.method is checked by the objective registry (trim.train.objectives.build_objective).
         if not (0.0 < self.target <= 1.0):
             raise ConfigError(f"objective.target={self.target} is not a cost ratio; use a value in (0, 1] "
@@ -397,9 +430,17 @@ def _resolve(recipe: Recipe) -> None:
     cfg, data, train, obj = recipe.model.config, recipe.data, recipe.train, recipe.objective
     if cfg.task != data.task:
         raise ConfigError(f"data.task={data.task!r} but model.task={cfg.task!r}; they must name the same task")
-    if cfg.vision.image_size != data.image_size:
-        raise ConfigError(f"data.image_size={data.image_size} but model.vision.image_size={cfg.vision.image_size}; "
+    image_key, image_size = (("sam.encoder.image_size", cfg.sam.encoder.image_size) if cfg.family == "sam"
+                             else ("vision.image_size", cfg.vision.image_size))
+    if image_size != data.image_size:
+        raise ConfigError(f"data.image_size={data.image_size} but model.{image_key}={image_size}; "
                           "set both to the same size")
+    if obj.method == "seg" and cfg.task != "seg":
+        raise ConfigError(f"objective.method=seg is SAM's segmentation loss; model.task={cfg.task!r} trains with "
+                          "objective.method smarttrim or none")
+    if cfg.task == "seg" and obj.method != "seg":
+        raise ConfigError(f"model.task=seg with objective.method={obj.method!r}: segmentation trains with "
+                          "objective.method=seg (SAM's loss; it trims when the model has trimmers)")
     if data.eval_batch_size is None:
         data.eval_batch_size = 2 * data.batch_size
     if obj.curriculum.steps is None:
@@ -409,7 +450,7 @@ def _resolve(recipe: Recipe) -> None:
     if obj.method != "none" and obj.curriculum.warmup + obj.curriculum.steps > train.steps:
         raise ConfigError(f"objective.curriculum.warmup + steps = {obj.curriculum.warmup + obj.curriculum.steps} "
                           f"is beyond train.steps={train.steps}; the final target would never be reached")
-    if obj.method != "none" and not _has_trimmers(cfg):
+    if obj.method not in METHODS_WITHOUT_TRIMMERS and not _has_trimmers(cfg):
         raise ConfigError(f"objective.method={obj.method!r} trains trimmers but model.trim places none; add layers to "
                           "model.trim.vision_token_layers / cross_token_layers / ..., or use objective.method=none")
     if obj.distill.kind == "kl" and cfg.task == "vqa":
@@ -500,4 +541,4 @@ def _positive(key: str, value: int | float) -> None:
 
 
 __all__ = ["CurriculumConfig", "DataConfig", "DistillConfig", "GumbelConfig", "ModelSection", "ObjectiveConfig",
-           "Recipe", "TrainConfig", "apply_override", "load_recipe", "parse_override", "recipe_from_dict"]
+           "Recipe", "SegLossConfig", "TrainConfig", "apply_override", "load_recipe", "parse_override", "recipe_from_dict"]

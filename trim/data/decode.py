@@ -18,6 +18,7 @@ from PIL import Image
 
 from trim.data.answers import soft_labels
 from trim.data.relevance import RELEVANCE_FILE, patch_relevance, read_relevance_png
+from trim.data.seg import choose_objects, letterbox_image, letterbox_masks, pad_objects, rle_total
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = {
@@ -26,6 +27,8 @@ SKIP_REASONS = {
     "bad_image": "the image bytes do not decode",
     "bad_json": "the json does not parse or lacks a required field",
     "duplicate_file": "the same file name appears twice in one sample",
+    "bad_mask": "a segmentation mask (RLE) is malformed or does not match its image's size",
+    "no_objects": "a segmentation sample has no object mask left at the model's image size (training)",
 }
 
 
@@ -93,12 +96,16 @@ class Decoder:
 
     ``relevance_grid``: decode the sample's relevance masks (trim.data.relevance), if it has
     any, onto this patch grid (key ``relevance``); None leaves them unread (training).
+    ``seg_objects``: keep this many objects per seg image (all when None); ``seg_shuffle``
+    chooses them at random, seeded by ``seed``, ``epoch`` (set by the loader) and the sample key.
     """
 
     def __init__(self, task: str, image_size: int, answer_to_id: Mapping[str, int] | None = None,
-                 relevance_grid: int | None = None):  # fmt: skip
+                 relevance_grid: int | None = None, *, seg_objects: int | None = None, seg_shuffle: bool = False,
+                 seed: int = 0):  # fmt: skip
         self.task, self.image_size, self.answer_to_id = task, image_size, answer_to_id
         self.relevance_grid = relevance_grid
+        self.seg_objects, self.seg_shuffle, self.seed, self.epoch = seg_objects, seg_shuffle, seed, 0
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         if "__duplicate__" in sample:
@@ -155,6 +162,11 @@ class Decoder:
         return {"relevance": patches if len(prefixes) > 1 else patches[0]}
 
     def _seg(self, sample):
+        """SA-1B record -> letterboxed image, its objects' masks / boxes / points (docs/data.md).
+
+        With ``seg_objects`` only that many usable objects (non-empty after the resize) are kept,
+        chosen at random in training (`trim.data.seg.choose_objects`); an image with none is skipped.
+        """
         from pycocotools import mask as mask_utils
 
         record = _json(sample)
@@ -163,40 +175,61 @@ class Decoder:
         s = self.image_size
         try:
             width, height = int(info["width"]), int(info["height"])
-            rles = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"]} for a in annotations]
-            for i, rle in enumerate(rles):
-                if isinstance(rle["counts"], str):
-                    rle["counts"] = rle["counts"].encode("ascii")
-                elif isinstance(rle["counts"], list):  # uncompressed RLE, as COCO crowd masks
-                    rles[i] = mask_utils.frPyObjects(rle, *rle["size"])
-            decoded = mask_utils.decode(rles) if rles else np.zeros((height, width, 0), np.uint8)
+            rles = [{"size": [int(v) for v in a["segmentation"]["size"]], "counts": a["segmentation"]["counts"]}
+                    for a in annotations]  # fmt: skip
             boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
             areas = torch.tensor([float(a["area"]) for a in annotations], dtype=torch.float32)
             centres = (boxes[:, :2] + boxes[:, 2:] / 2).tolist()
             points = [a.get("point_coords") or [c] for a, c in zip(annotations, centres)]
         except (KeyError, TypeError, ValueError) as exn:
             raise SkipSample("bad_json", f"annotation not in the SA-1B schema ({type(exn).__name__}: {exn})") from None
-        if decoded.shape[:2] != (height, width):
-            raise SkipSample("bad_json", f"mask size {decoded.shape[:2]} != image size {(height, width)}")
-        masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
-        if masks.shape[0] and (height, width) != (s, s):
-            masks = torch.nn.functional.interpolate(masks[None].float(), size=(s, s), mode="nearest-exact")[0]
-        scale = torch.tensor([s / width, s / height, s / width, s / height])
+        for i, rle in enumerate(rles):
+            if rle["size"] != [height, width]:
+                raise SkipSample("bad_mask", f"annotation {i}: mask size {rle['size']} != image size {[height, width]}")
+            if rle_total(rle["counts"]) != height * width:
+                raise SkipSample("bad_mask", f"annotation {i}: the RLE counts do not cover the {height}x{width} image")
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+            elif isinstance(rle["counts"], list):  # uncompressed RLE, as COCO crowd masks
+                rles[i] = mask_utils.frPyObjects(rle, height, width)
+        try:
+            image, resized, original = letterbox_image(_image_bytes(sample), s)
+        except (OSError, ValueError, Image.DecompressionBombError) as exn:
+            raise SkipSample("bad_image", f"{type(exn).__name__}: {exn}") from None
+        if original != (height, width):
+            raise SkipSample("bad_json", f"'image' says {height}x{width} but the image is {original[0]}x{original[1]}")
+        decoded = mask_utils.decode(rles) if rles else np.zeros((height, width, 0), np.uint8)
+        masks = letterbox_masks(torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))), resized, s)
+        scale = torch.tensor([resized[1] / width, resized[0] / height] * 2)
         xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1) * scale
+        points = torch.tensor([p[0] for p in points], dtype=torch.float32).reshape(-1, 2) * scale[:2]
+        key = str(sample.get("__key__", ""))
+        attributes = ([{k: a[k] for k in ATTRIBUTE_KEYS} for a in annotations]
+                      if all(k in a for a in annotations for k in ATTRIBUTE_KEYS) else None)
+        if self.seg_objects is not None:
+            usable = [i for i in range(masks.shape[0]) if masks[i].any()]
+            if not usable:
+                raise SkipSample("no_objects", f"none of the {masks.shape[0]} masks is left at {s}px")
+            keep = choose_objects(usable, self.seg_objects, shuffle=self.seg_shuffle, seed=self.seed,
+                                  epoch=self.epoch, key=key)  # fmt: skip
+            masks, xyxy, points, areas = masks[keep], xyxy[keep], points[keep], areas[keep]
+            attributes = None if attributes is None else [attributes[i] for i in keep]
         return {
-            "image": load_image(_image_bytes(sample), s),
-            "masks": masks.to(torch.uint8),
+            "image": image,
+            "valid_size": resized,
+            "original_size": original,
+            "masks": masks,
             "boxes": xyxy,
-            "points": torch.tensor([p[0] for p in points], dtype=torch.float32).reshape(-1, 2) * scale[:2],
+            "points": points,
             "areas": areas,
-            "image_id": info.get("image_id", sample.get("__key__")),
-            # The synthetic world's extra keys (trim pretrain-vision); None for real SA-1B / COCO.
-            "attributes": [{k: a[k] for k in ATTRIBUTE_KEYS} for a in annotations]
-            if all(k in a for a in annotations for k in ATTRIBUTE_KEYS) else None,
+            "image_id": info.get("image_id", key),
+            "attributes": attributes,
         }
 
 
+# The synthetic world's extra keys per object (trim pretrain-vision); real SA-1B / COCO have none.
 ATTRIBUTE_KEYS = ("shape", "color", "size")
+SEG_LIST_KEYS = ("masks", "boxes", "points", "areas", "image_id", "attributes", "valid_size", "original_size")
 VQA_LIST_KEYS = ("question_id", "answers", "question_type", "answer_type", "question", "image_id")
 
 
@@ -213,8 +246,9 @@ class Collate:
     """Decoded samples -> batch dict; tokenises the text of the whole batch at once."""
 
     def __init__(self, task: str, tokenizer, *, max_text_len: int, num_answers: int,
-                 mean: Sequence[float], std: Sequence[float]):  # fmt: skip
+                 mean: Sequence[float], std: Sequence[float], seg_objects: int | None = None):  # fmt: skip
         self.task, self.tokenizer, self.max_text_len, self.num_answers = task, tokenizer, max_text_len, num_answers
+        self.seg_objects = seg_objects  # seg: also the objects padded to this many per image (training)
         # (x / 255 - mean) / std as one subtraction and one multiplication, in place
         self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
@@ -254,7 +288,15 @@ class Collate:
                 "sentence": [s["sentence"] for s in samples],
                 **_relevance(samples),
             }
-        return {
-            "pixel_values": self._pixels([s["image"] for s in samples]),
-            **{k: [s[k] for s in samples] for k in ("masks", "boxes", "points", "areas", "image_id", "attributes")},
-        }
+        return self._seg(samples)
+
+    def _seg(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pixels = self._pixels([s["image"] for s in samples])
+        for i, s in enumerate(samples):  # SAM pads after normalising: the padding is 0, the mean colour
+            h, w = s["valid_size"]
+            pixels[i, :, h:, :] = 0
+            pixels[i, :, :, w:] = 0
+        if self.seg_objects is None:  # every object, as lists (evaluation)
+            return {"pixel_values": pixels, **{k: [s[k] for s in samples] for k in SEG_LIST_KEYS}}
+        per_image = {k: [s[k] for s in samples] for k in ("image_id", "valid_size", "original_size")}
+        return {"pixel_values": pixels, **per_image, **pad_objects(samples, self.seg_objects)}

@@ -339,7 +339,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for stage in self._seeded:
-            if isinstance(stage, _Shuffle):
+            if isinstance(stage, (_Shuffle, Decoder)):
                 stage.epoch = self.epoch
             else:  # shard lists: wds.ResampledShards / wds.SimpleShardList
                 stage.seed = wds.utils.make_seed(self.seed, self.epoch)
@@ -372,6 +372,7 @@ def build_loader(
     rank: int | None = None,
     world_size: int | None = None,
     relevance_grid: int | None = None,
+    seg_objects: int | None = None,
 ) -> ShardLoader:
     """Batches of one task from webdataset shards; see docs/data.md for the batch keys.
 
@@ -383,6 +384,8 @@ def build_loader(
     rank to read the same stream and slice its batches itself).
     ``relevance_grid``: put the relevance masks the synthetic world stores onto this patch grid
     (batch key ``relevance``, trim.data.relevance); shards without masks give batches without it.
+    ``seg_objects`` (seg): keep this many objects per image, padded into ``object_*`` tensors (chosen
+    at random per epoch in train mode, the first ones in eval mode; trim.data.seg).
     """
     _check_arguments(task, mode, batch_size, image_size, num_workers, epoch_samples)
     shards = expand_urls(urls)
@@ -407,8 +410,13 @@ def build_loader(
         shuffle = _Shuffle(shuffle_buffer, seed, rank)
         stages.append(shuffle)
         seeded.append(shuffle)
-    collate = Collate(task, tokenizer, max_text_len=max_text_len, num_answers=len(vocab), mean=mean, std=std)
-    decoder = Decoder(task, image_size, {a: i for i, a in enumerate(vocab)}, relevance_grid=relevance_grid)
+    if seg_objects is not None and (task != "seg" or seg_objects < 1):
+        raise ConfigError(f"seg_objects={seg_objects}: a number >= 1 of objects per image, for task 'seg' only")
+    collate = Collate(task, tokenizer, max_text_len=max_text_len, num_answers=len(vocab), mean=mean, std=std,
+                      seg_objects=seg_objects)  # fmt: skip
+    decoder = Decoder(task, image_size, {a: i for i, a in enumerate(vocab)}, relevance_grid=relevance_grid,
+                      seg_objects=seg_objects, seg_shuffle=mode == "train", seed=seed)  # fmt: skip
+    seeded.append(decoder)  # its object choice follows the epoch
     stages += [
         partial(_decode_samples, decoder=decoder, counters=counters),
         wds.batched(batch_size, collation_fn=_CollateWithCounts(collate, counters), partial=mode == "eval"),

@@ -1,9 +1,10 @@
 """`trim eval`: evaluate a checkpoint, or compare several evaluations.
 
-    trim eval CHECKPOINT --task vqa|nlvr2 --data SHARDS [--split val] [--batch-size 32] [--workers 0]
+    trim eval CHECKPOINT --task vqa|nlvr2|seg --data SHARDS [--split val] [--batch-size 32] [--workers 0]
               [--out DIR] [--max-samples N] [--device cpu|cuda] [--warmup 2] [--repeats 5] [--figures 4]
               [--budget 0.6 0.5 0.4 0.33]   # a calibrated checkpoint, once per budget (trim calibrate)
               [--vqa-metric lavis|vqa-tools] [--blind]
+              [--clicks 5] [--size-buckets relative|coco]   # seg: box / 1-click / N-click mIoU
     torchrun --nproc_per_node 8 -m trim.cli eval CHECKPOINT --task vqa --data SHARDS   # several processes
     trim eval report EVAL_JSON... --out DIR [--speed throughput|latency]
     trim eval score --task vqa --results R.json --questions Q.json --annotations A.json [--vqa-metric ...]
@@ -30,7 +31,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model directory (config.json + model.safetensors), or a run folder "
                                       "whose 'latest' names one")
     p.add_argument("--task", required=True, choices=("vqa", "nlvr2", "seg"),
-                   help="seg is not available yet: trim has no SAM-style prompted model")
+                   help="vqa / nlvr2: a VL checkpoint; seg: a sam-family checkpoint (box, 1-click and N-click mIoU)")
     p.add_argument("--data", required=True, help="shard root (manifest.json, tokenizer.json, <task>/<split>-*.tar)")
     p.add_argument("--split", default="val", help="split of the manifest to evaluate (default val)")
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
@@ -53,6 +54,10 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--blind", action="store_true",
                    help="blind baseline: every image replaced by a constant (zeros after normalisation, the "
                         "normalisation's mean colour); writes eval/<task>_blind.json, no speed measurement")
+    p.add_argument("--clicks", type=int, default=5, help="seg: clicks of the N-click protocol (default 5)")
+    p.add_argument("--size-buckets", choices=("relative", "coco"), default="relative",
+                   help="seg: object size buckets by COCO's thresholds on the area as a fraction of the image "
+                        "(relative, default) or in original pixels (coco); docs/evaluation.md")
     return p
 
 
@@ -100,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                                    max_samples=args.max_samples, device=args.device, warmup=args.warmup,
                                    repeats=args.repeats, figures=args.figures, answers=args.answers,
                                    speed=not args.no_speed, progress=not args.quiet, vqa_metric=args.vqa_metric,
-                                   blind=args.blind)
+                                   blind=args.blind, n_clicks=args.clicks, size_buckets=args.size_buckets)
     except TrimError as exn:
         print(f"trim eval: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1
+    from trim.eval.seg import seg_summary
+
     for result in results or []:  # rank 0
-        print(summary(result))
+        print(seg_summary(result) if result["task"] == "seg" else summary(result))
     return 0
 
 

@@ -71,15 +71,9 @@ from trim.models.io import resolve_checkpoint
 from trim.prune.keep_ratio import model_keep_ratio
 from trim.ranks import rank_and_world, rank_slice, slice_batch
 
-__all__ = ["SEG_UNAVAILABLE", "TASKS", "EvalError", "evaluate", "evaluate_budgets", "summary"]
+__all__ = ["TASKS", "EvalError", "evaluate", "evaluate_budgets", "summary"]
 
 TASKS = ("vqa", "nlvr2", "seg")
-SEG_UNAVAILABLE = (
-    "--task seg: trim has no SAM-style prompted segmentation model yet (the SAM encoder / prompt encoder / mask "
-    "decoder and big.LITTLE routing come in a later issue), so there is no checkpoint to evaluate on seg shards. "
-    "The metric itself is ready: trim.eval.metrics.seg.evaluate_prompted (docs/metrics.md). "
-    "Use --task vqa or --task nlvr2."
-)
 
 
 @dataclass(frozen=True)
@@ -100,8 +94,6 @@ class EvalOptions:
     blind: bool = False  # every image replaced by a constant (trim.eval.blind)
 
     def check(self) -> None:
-        if self.task == "seg":
-            raise ConfigError(SEG_UNAVAILABLE)
         if self.task not in TASKS:
             raise ConfigError(f"--task {self.task!r}; choose one of {TASKS}")
         if self.batch_size < 1 or self.workers < 0 or (self.max_samples is not None and self.max_samples < 1):
@@ -152,23 +144,28 @@ def evaluate(
     progress: bool = True,
     vqa_metric: str = DEFAULT_VQA_METRIC,
     blind: bool = False,
+    n_clicks: int = 5,
+    size_buckets: str = "relative",
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint on one split; returns the results dict on rank 0 (None elsewhere).
 
     Writes ``<out or checkpoint>/eval/<stem>.json`` (stem ``<task>`` for val, ``<task>_<split>``
     otherwise, ``_blind`` after it with ``blind``), the predictions export, and the figures beside it.
     ``blind``: every image replaced by a constant (`trim.eval.blind`). See docs/evaluation.md.
+    ``task="seg"`` (a sam-family checkpoint) runs `trim.eval.seg.evaluate_seg` with ``n_clicks`` and
+    ``size_buckets``; its batch size counts images.
     """
     results = evaluate_budgets(checkpoint, task, data, [None], split=split, batch_size=batch_size, workers=workers,
                                out=out, max_samples=max_samples, device=device, warmup=warmup, repeats=repeats,
                                figures=figures, answers=answers, speed=speed, progress=progress,
-                               vqa_metric=vqa_metric, blind=blind)
+                               vqa_metric=vqa_metric, blind=blind, n_clicks=n_clicks, size_buckets=size_buckets)
     return None if results is None else results[0]
 
 
 _DEFAULTS: dict[str, Any] = {"split": "val", "batch_size": 32, "workers": 0, "max_samples": None, "warmup": 2,
                              "repeats": 5, "figures": 4, "answers": None, "speed": True, "progress": True,
-                             "vqa_metric": DEFAULT_VQA_METRIC, "blind": False}
+                             "vqa_metric": DEFAULT_VQA_METRIC, "blind": False, "n_clicks": 5,
+                             "size_buckets": "relative"}
 
 
 def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.PathLike,
@@ -187,6 +184,8 @@ def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.Pa
     if not budgets:
         raise ConfigError("--budget needs at least one value")
     kw = {**_DEFAULTS, **options}
+    if task == "seg":
+        return [_evaluate_seg(checkpoint, data, budgets, out=out, device=device, options=kw)]
     base = EvalOptions(task, kw["split"], kw["batch_size"], kw["workers"], kw["max_samples"], kw["warmup"],
                        kw["repeats"], kw["figures"], kw["answers"], kw["speed"], kw["progress"],
                        vqa_metric=kw["vqa_metric"], blind=bool(kw["blind"]))
@@ -210,6 +209,24 @@ def evaluate_budgets(checkpoint: str | os.PathLike, task: str, data: str | os.Pa
         return results if group.rank == 0 else None
     finally:
         group.close()
+
+
+def _evaluate_seg(checkpoint: str | os.PathLike, data: str | os.PathLike, budgets: Sequence[float | None], *,
+                  out: str | os.PathLike | None, device: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The seg evaluation (`trim.eval.seg`): one budget, real images."""
+    from trim.eval.seg import SegOptions, evaluate_seg
+
+    if list(budgets) != [None]:
+        raise ConfigError("--budget serves a calibrated budget, and the sam family has no budget calibration; "
+                          "evaluate a seg checkpoint without --budget")
+    if options["blind"]:
+        raise ConfigError("--blind replaces the image with a constant to measure what the text alone gives; seg "
+                          "prompts have no text, so evaluate a seg checkpoint without --blind")
+    seg = SegOptions(split=options["split"], batch_size=options["batch_size"], workers=options["workers"],
+                     max_samples=options["max_samples"], n_clicks=options["n_clicks"],
+                     size_buckets=options["size_buckets"], warmup=options["warmup"], repeats=options["repeats"],
+                     figures=options["figures"], speed=options["speed"], progress=options["progress"])
+    return evaluate_seg(checkpoint, data, out=out, device=device, options=seg)
 
 
 def _results_dir(ckpt: Path, out: str | os.PathLike | None) -> Path:

@@ -23,6 +23,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import Tensor, nn
 
 from trim.models.config import ModelConfig, SamDecoderConfig, SamEncoderConfig, SamTrimConfig, TrimConfig
+from trim.models.sam_prompts import decode_batch
 from trim.nn import WindowBlock, WindowGeometry, WindowSlots
 from trim.prune import BigLittleRouter, WindowTokenTrimmer, little_from_big
 from trim.prune.cost import conv_flops, router_flops, token_trimmer_flops, window_block_flops
@@ -270,20 +271,10 @@ class Sam(nn.Module):
         a point (default all 1). With both, each prompt is its points plus its box.
         ``multimask_output``: the 3 ambiguity masks instead of the single one.
         """
-        b = image_embeddings.shape[0]
-        prompts = _check_prompts(b, boxes, points, point_labels)
-        dense_pe = self.prompt_encoder.get_dense_pe()
-        masks, ious = [], []
-        for i in range(b):  # segment-anything's decoder takes one image and its prompts at a time
-            sparse, dense = self.prompt_encoder(points=None if points is None else (points[i], prompts[i]),
-                                                boxes=None if boxes is None else boxes[i], masks=None)
-            m, iou = self.mask_decoder(image_embeddings=image_embeddings[i:i + 1], image_pe=dense_pe,
-                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                       multimask_output=multimask_output)
-            masks.append(m)
-            ious.append(iou)
-        return SamOutput(torch.stack(masks), torch.stack(ious), image_embeddings,
-                         image_embeddings.new_ones(b))
+        labels = _check_prompts(image_embeddings.shape[0], boxes, points, point_labels)
+        masks, ious = decode_batch(self.prompt_encoder, self.mask_decoder, image_embeddings, boxes=boxes, points=points,
+                                   labels=labels, multimask_output=multimask_output)  # fmt: skip
+        return SamOutput(masks, ious, image_embeddings, image_embeddings.new_ones(image_embeddings.shape[0]))
 
 
 def _check_prompts(batch: int, boxes: Tensor | None, points: Tensor | None, labels: Tensor | None) -> Tensor | None:

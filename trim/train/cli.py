@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     final = summary.get("final_eval") or {}
     if final and summary.get("is_main"):
-        print(f"{recipe.name}: step {summary['steps']}, val accuracy {final['accuracy']:.4f}, "
+        from trim.train.trainer import eval_headline
+
+        print(f"{recipe.name}: step {summary['steps']}, val {eval_headline(final)}, "
               f"cost ratio {final['cost_ratio']:.4f}, wall {summary['wall_time_s']:.1f}s")
     return 0
 

@@ -130,13 +130,15 @@ class DataSources:
                 self.val_urls = split_urls(root, cfg.task, cfg.val_split)
         except DataError as err:
             raise ConfigError(f"data.root={cfg.root!r}: {err}") from err
+        self.tokenizer = None  # seg has no text
         tokenizer_path = cfg.tokenizer or (str(root) if root is not None else None)
-        if tokenizer_path is None:
+        if tokenizer_path is None and cfg.task != "seg":
             raise ConfigError("data.tokenizer is unset and there is no data.root to find tokenizer.json in")
-        try:
-            self.tokenizer = load_tokenizer(tokenizer_path, model_max_length=max(512, cfg.max_text_len))
-        except DataError as err:
-            raise ConfigError(f"data.tokenizer: {err}") from err
+        if cfg.task != "seg":
+            try:
+                self.tokenizer = load_tokenizer(tokenizer_path, model_max_length=max(512, cfg.max_text_len))
+            except DataError as err:
+                raise ConfigError(f"data.tokenizer: {err}") from err
         self.answers: list[str] | None = None
         if cfg.task == "vqa":
             answers = cfg.answers
@@ -155,6 +157,8 @@ class DataSources:
         """The model must fit the data: vocabulary, answer count."""
         from trim.errors import ConfigError
 
+        if model_cfg.task == "seg":
+            return  # no text, no answers: the image size is checked with the recipe
         vocab = len(self.tokenizer)
         if model_cfg.text.vocab_size < vocab:
             raise ConfigError(f"model.text.vocab_size={model_cfg.text.vocab_size} but the tokenizer has {vocab} tokens; "
@@ -172,6 +176,10 @@ class DataSources:
         cfg = self.cfg
         common = dict(tokenizer=self.tokenizer, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
                       answer_vocab=self.answers)
+        if cfg.task == "seg":  # SAM's normalisation; objects padded into object_* tensors
+            from trim.data.seg import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+            common.update(mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD, seg_objects=cfg.seg_objects)
         batch_layout = cfg.rank_split == "batch"
 
         def make(urls: str, mode: str, batch_size: int, single: bool, **extra: Any) -> Any:

@@ -41,6 +41,10 @@ step r is set so that the model's cost equals ``target(step)`` (`trim.prune.keep
 tabulated on the first batch); their cost term is then ~0 and carries no gradient. They are
 not calibrated after training (``calibrates = False``): r already meets the target.
 
+Prompted segmentation (``method: seg``, the sam family): SAM's loss over box, click and
+refinement-click prompts, plus the cost and distillation terms when the encoder trims; see
+`PromptedSegmentation`.
+
 Later methods register themselves in ``METHODS`` with ``@register("name")``.
 """
 
@@ -326,6 +330,90 @@ class RandomKeep(KeepRatioObjective):
 @register("evit")
 class Evit(KeepRatioObjective):
     """EViT: the top k(n, r) tokens by [CLS] attention, the rest fused into one."""
+
+@register("seg")
+class PromptedSegmentation(SmartTrim):
+    """SAM's training loss for the sam family (task ``seg``); see `trim.train.seg_loss` / `seg_prompts`::
+
+        loss = task_weight * mean over prompt rounds of (focal * focal + dice * dice + iou * IoU-MSE)
+             + lambda_cost * (mean_batch(cost ratio) - target(step))^2            [model carries cost_ratio]
+             + distill.weight * (1 - cos(student, teacher image embeddings))     [model carries cost_ratio]
+
+    Prompt rounds per step, all on one image embedding (the encoder runs once): a jittered box
+    (single mask), one random click (three masks, the lowest-loss one backpropagated, as SAM does
+    for ambiguous prompts), then ``seg.click_rounds`` refinements, each adding a click from the
+    previous round's error (``seg.refine_clicks``: uniform as SAM, or deepest as the evaluation;
+    single mask). Objects are the batch's ``object_*`` tensors
+    (``data.seg_objects`` per image); padding objects are left out of every mean.
+
+    Trimming is the encoder's (``model.sam.trim``): when it has token trimmers or big.LITTLE routers
+    the student runs ``trim="train"`` at the Gumbel temperature ``tau(step)`` and the cost and
+    distillation terms join (the teacher, the same encoder with ``trim="off"`` under no_grad, runs
+    only then); with prompt-aware trimming every prompt round is its own encoder pass. Without
+    trimmers this trains the full model.
+    """
+
+    def __init__(self, cfg: Any, *, task: str) -> None:
+        from trim.errors import ConfigError
+
+        if task != "seg":
+            raise ConfigError(f"objective.method=seg trains prompted segmentation; model.task={task!r} needs "
+                              "objective.method smarttrim or none")
+        super().__init__(cfg, task=task)
+        self.needs_teacher = False  # the trainer's teacher takes VL batches; this objective runs its own
+
+    def eval_trim(self) -> str:
+        return "eval"
+
+    def __call__(self, model, batch, step, *, teacher=None, global_mean=identity_mean) -> StepResult:
+        from trim.models.sam_prompts import encoder_trims, prompt_round
+        from trim.prune.distill import feature_distillation
+        from trim.train.seg_loss import PromptRounds, downsample_targets
+        from trim.train.seg_prompts import REFINE_CLICKS, first_clicks, jitter_boxes
+
+        cfg, seg = self.cfg, self.cfg.seg
+        sam = getattr(model, "module", model)  # DDP / DeepSpeed wrappers: predict() lives on the model
+        images, masks, valid = batch["pixel_values"], batch["object_masks"], batch["object_valid"]
+        boxes = jitter_boxes(batch["object_boxes"], images.shape[-1], noise=seg.box_noise, max_noise=seg.box_max_noise)
+        trim, tau = ("train", self.tau(step)) if encoder_trims(sam) else ("off", 1.0)
+        out = model(images, boxes=boxes, trim=trim, tau=tau)  # through the wrapper: DDP syncs the encoder
+        rounds = PromptRounds(downsample_targets(masks, tuple(out.masks.shape[-2:])), valid, focal_weight=seg.focal,
+                              dice_weight=seg.dice, focal_alpha=seg.focal_alpha)  # fmt: skip
+        rounds.add("box", out.masks, out.iou)
+        points = first_clicks(masks)
+        labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device)
+        click = prompt_round(sam, images, out.image_embeddings, trim=trim, tau=tau, points=points, point_labels=labels,
+                             multimask_output=True)  # fmt: skip
+        chosen = rounds.add("click", click.masks, click.iou)
+        for r in range(seg.click_rounds):
+            pred = F.interpolate(chosen.detach().float(), size=masks.shape[-2:], mode="bilinear") > 0
+            more, more_labels = REFINE_CLICKS[seg.refine_clicks](pred, masks)
+            points, labels = torch.cat([points, more], -2), torch.cat([labels, more_labels], -1)
+            refined = prompt_round(sam, images, out.image_embeddings, trim=trim, tau=tau, points=points,
+                                   point_labels=labels)  # fmt: skip
+            chosen = rounds.add(f"click{r + 2}", refined.masks, refined.iou)
+
+        mask_term, iou_term = rounds.mask_term(), rounds.iou_term()
+        loss = cfg.task_weight * (mask_term + seg.iou * iou_term)
+        terms = {"loss/mask": float(mask_term.detach()), "loss/iou_mse": float(iou_term.detach()), **rounds.logged}
+        if trim == "train":  # the box round's cost: with prompt-aware trimming each round pays its own
+            target = self.target(step)
+            ratio = global_mean(out.cost_ratio.float().mean())
+            cost = (ratio - target) ** 2
+            loss = loss + cfg.lambda_cost * cost
+            terms.update({"loss/cost": float(cost.detach()), "cost_ratio": float(ratio.detach()), "target": target,
+                          "tau": self.tau(step)})
+            if cfg.distill.weight > 0:
+                with torch.no_grad():
+                    teacher_embeddings = sam.image_embeddings(images)
+                # prompt-aware trimming encodes each of an image's prompts: (B * P, ...), image-major
+                teacher_embeddings = teacher_embeddings.repeat_interleave(len(out.image_embeddings) // len(images), 0)
+                d = feature_distillation(out.image_embeddings.float(), teacher_embeddings.float(),
+                                         weight=1.0)  # fmt: skip
+                loss = loss + cfg.distill.weight * d
+                terms["loss/distill"] = float(d.detach())
+        terms["loss"] = float(loss.detach())
+        return StepResult(loss, terms, out)
 
 
 def build_objective(cfg: Any, task: str) -> Objective:

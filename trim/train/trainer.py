@@ -32,6 +32,7 @@ from trim.errors import ConfigError
 from trim.models.base import MODEL_INPUTS
 from trim.models.io import (WEIGHTS_NAME, load_model, load_weights, read_weights, resolve_checkpoint, transfer_weights,
                             trimmer_keys, write_calibration)
+from trim.prune import trimmer_modules
 from trim.prune.calibrate import calibrate, held_out_inputs
 from trim.prune.keep_ratio import CALIBRATION_SKIPPED, model_keep_ratio
 from trim.ranks import rank_and_world, rank_slice, slice_batch
@@ -40,6 +41,7 @@ from trim.train.data import DataSources, TrainStream, add_reads, batch_size_of, 
 from trim.train.distributed import (apply_launcher_env, check_devices, global_mean, load_deepspeed_config,
                                     make_accelerator)
 from trim.train.objectives import Objective, build_objective, kept_counts
+from trim.train.seg_eval import seg_eval_sums
 
 log = logging.getLogger("trim.train")
 
@@ -55,6 +57,20 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _little_from_big(model: torch.nn.Module, added: list[str]) -> None:
+    """big.LITTLE routers new to the starting weights: their E-blocks start from their P-blocks'
+    weights (`trim.prune.little_from_big`), not at random."""
+    if any(".routers." in key for key in added):
+        model.image_encoder.init_little_from_big()
+
+
+def eval_headline(record: dict[str, Any]) -> str:
+    """The score of an eval record in words: accuracy (VQA, NLVR2) or box / 1-click mIoU (seg)."""
+    if "box_miou" in record:
+        return f"box mIoU {record['box_miou']:.4f}, 1-click mIoU {record['click_miou']:.4f} ({record['objects']} objects)"
+    return f"accuracy {record['accuracy']:.4f}"
+
+
 def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight_decay: float,
                  lr_mult: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: backbone / trimmers x decay / no decay (biases, norms: 1-d tensors) x lr multiplier.
@@ -64,7 +80,7 @@ def param_groups(model: torch.nn.Module, *, lr: float, trimmer_lr: float, weight
     """
     lr_mult = dict(lr_mult or {})
     used = dict.fromkeys(lr_mult, False)
-    trimmer_ids = {id(p) for p in model.trimmer_parameters()} if hasattr(model, "trimmer_parameters") else set()
+    trimmer_ids = {id(p) for _, module in trimmer_modules(model) for p in module.parameters()}
     groups: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         prefix = max((k for k in lr_mult if name.startswith(k)), key=len, default=None)
@@ -250,8 +266,8 @@ class Trainer:
 
     def _groups(self, model: torch.nn.Module, objective: Objective) -> list[dict]:
         if not objective.trains_trimmers:
-            for p in model.trimmer_parameters():
-                p.requires_grad_(False)
+            for _, module in trimmer_modules(model):
+                module.requires_grad_(False)
         t = self.recipe.train
         return param_groups(model, lr=t.lr, trimmer_lr=t.trimmer_lr or t.lr, weight_decay=t.weight_decay,
                             lr_mult=t.lr_mult)
@@ -267,6 +283,7 @@ class Trainer:
         if sec.init_from:
             weights = Path(sec.init_from) / WEIGHTS_NAME
             added = load_weights(model, read_weights(weights), source=str(weights), fresh=trimmer_keys(model))
+            _little_from_big(model, added)
             log.info("initialised from %s (%d new trimmer tensors)", sec.init_from, len(added))
         return model
 
@@ -278,10 +295,13 @@ class Trainer:
         from trim.models import create_model, from_pretrained
 
         kwargs = {"task": cfg.task, "num_labels": cfg.num_labels, "trim": dataclasses.asdict(cfg.trim)}
-        try:  # converters that can resize the image grid take the recipe's image size
-            model = from_pretrained(source, image_size=cfg.vision.image_size, **kwargs)
-        except TypeError:
-            model = from_pretrained(source, **kwargs)
+        if cfg.family == "sam":  # a SAM checkpoint holds its whole architecture: its converters take no options
+            model = from_pretrained(source)
+        else:
+            try:  # converters that can resize the image grid take the recipe's image size
+                model = from_pretrained(source, image_size=cfg.vision.image_size, **kwargs)
+            except TypeError:
+                model = from_pretrained(source, **kwargs)
         got = dataclasses.asdict(model.config)
         diff = first_difference(got, dataclasses.asdict(cfg))
         if diff is None:
@@ -296,6 +316,7 @@ class Trainer:
         # Same backbone, other head or trimmers (e.g. a trim directory): rebuild and copy what fits.
         fresh = create_model(cfg)
         added = transfer_weights(model, fresh, source=f"model.pretrained={source!r}")
+        _little_from_big(fresh, added)
         log.info("started from %s (%d fresh head / trimmer tensors)", source, len(added))
         return fresh
 
@@ -438,6 +459,11 @@ class Trainer:
         (however the model was wrapped or sharded) and writes it into its config.json."""
         r = self.recipe
         if not self.objective.trains_trimmers or self.val_factory is None or not r.objective.calibration_samples:
+            return None
+        if r.model.config.family == "sam":
+            if self.main:
+                log.info("calibration skipped: the budget calibration (trim.prune.calibrate) covers the VL models' "
+                         "token trimmers; the sam family has no calibrated budget knob")
             return None
         if not self.objective.calibrates:
             if self.main:
@@ -606,12 +632,18 @@ class Trainer:
             values = acc.reduce(values, reduction="sum")
         total = dict(zip(keys, values.tolist()))
         count = max(total["count"], 1.0)
+        if "objects" in total:  # seg: mean IoU over objects
+            objects = max(total["objects"], 1.0)
+            scores = {"box_miou": total["box_iou"] / objects, "click_miou": total["click_iou"] / objects,
+                      "objects": int(total["objects"])}
+        else:
+            scores = {"accuracy": total["correct"] / count}
         expected = loader.manifest_samples() if hasattr(loader, "manifest_samples") else None
         if expected is not None and r.data.val_samples is not None:
             expected = min(expected, r.data.val_samples)
         reads = loader.stats.as_dict() if hasattr(loader, "stats") else no_reads()
         record = {"kind": "eval", "split": r.data.val_split, "step": self.step, "trim": trim_mode,
-                  "accuracy": total["correct"] / count, "cost_ratio": total["cost"] / count,
+                  **scores, "cost_ratio": total["cost"] / count,
                   "samples": int(total["count"]), "samples_expected": expected, "skipped": reads["skipped"],
                   "shard_errors": reads["shard_errors"], "train_skipped": self.train_reads()["skipped"],
                   "eval_time_s": round(time.perf_counter() - t0, 3)}
@@ -622,7 +654,7 @@ class Trainer:
     def _eval_sums(self, loader: Any, trim_mode: str) -> dict[str, float]:
         """This rank's sums of hits, rows, cost and kept counts over its slice of every val batch."""
         task, cap = self.recipe.model.config.task, self.recipe.data.val_samples
-        sums: dict[str, float] = {"correct": 0.0, "count": 0.0, "cost": 0.0}
+        sums: dict[str, float] = {"count": 0.0, "cost": 0.0, **({"objects": 0.0} if task == "seg" else {"correct": 0.0})}
         seen = 0
         for full in loader:
             n = batch_size_of(full)
@@ -636,6 +668,14 @@ class Trainer:
             if stop <= start:  # this rank has no rows: run one anyway so collectives stay aligned
                 start, stop, weight = 0, 1, 0.0
             part = slice_batch(full, start, stop)
+            rows = float(stop - start) * weight
+            if task == "seg":
+                with self.acc.autocast():
+                    part_sums = seg_eval_sums(self.unwrapped, part, trim_mode)
+                sums["count"] += rows
+                for k, v in part_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                continue
             with self.acc.autocast():
                 out = self.unwrapped(part, trim=trim_mode)
             logits = out.logits.float()
@@ -643,7 +683,6 @@ class Trainer:
                 hit = part["labels"].float().gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
             else:
                 hit = (logits.argmax(-1) == part["labels"]).float()
-            rows = float(stop - start) * weight
             sums["correct"] += float(hit.sum()) * weight
             sums["count"] += rows
             sums["cost"] += float(out.cost_ratio.float().sum()) * weight
@@ -654,12 +693,12 @@ class Trainer:
     def _log_eval(self, record: dict[str, Any]) -> None:
         if not self.acc.is_main_process:
             return
-        log.info("step %d %s: accuracy %.4f, cost ratio %.4f (%d samples, trim=%s)", record["step"], record["split"],
-                 record["accuracy"], record["cost_ratio"], record["samples"], record["trim"])
+        log.info("step %d %s: %s, cost ratio %.4f (%d samples, trim=%s)", record["step"], record["split"],
+                 eval_headline(record), record["cost_ratio"], record["samples"], record["trim"])
         expected = record["samples_expected"]
         if record["skipped"] or (expected is not None and record["samples"] < expected):
             reasons = ", ".join(f"{n} {k}" for k, n in record["skipped"].items()) or "none skipped"
-            log.warning("step %d %s: accuracy on %d of %s samples (%s, %d shards cut short)", record["step"],
+            log.warning("step %d %s: scores on %d of %s samples (%s, %d shards cut short)", record["step"],
                         record["split"], record["samples"], expected if expected is not None else "?", reasons,
                         record["shard_errors"])
 
