@@ -183,11 +183,13 @@ def test_sa1b_converter(tmp_path):
     _, got = read_eval(tmp_path / "out", "seg", "train", image_size=30)
     i = got["image_id"].index(1)
     assert got["areas"][i].tolist() == [a["area"] for a in fixture["annotations"]]
+    # SAM's preprocessing: the longest side (60) to 30, the other side scaled alike and padded
     x, y, w, h = fixture["annotations"][0]["bbox"]
-    assert got["boxes"][i][0].tolist() == pytest.approx([x * 30 / 60, y * 30 / 40, (x + w) * 30 / 60, (y + h) * 30 / 40])
+    scale = 30 / 60
+    assert got["boxes"][i][0].tolist() == pytest.approx([x * scale, y * scale, (x + w) * scale, (y + h) * scale])
     assert got["masks"][i].shape == (2, 30, 30) and got["masks"][i].dtype == torch.uint8
-    assert got["points"][i][0].tolist() == pytest.approx([fixture["annotations"][0]["point_coords"][0][0] / 2,
-                                                          fixture["annotations"][0]["point_coords"][0][1] * 30 / 40])  # fmt: skip
+    assert got["masks"][i][:, 20:].sum() == 0  # rows below the 40 * 0.5 = 20 image rows are padding
+    assert got["points"][i][0].tolist() == pytest.approx([c * scale for c in fixture["annotations"][0]["point_coords"][0]])
 
 
 def test_coco_instances_converter(tmp_path):
@@ -199,15 +201,16 @@ def test_coco_instances_converter(tmp_path):
     assert dict(summary.skipped) == {"no annotations": 1, "missing image": 1}
     assert summary.examples == {"no annotations": ["000000000006.jpg"], "missing image": ["000000000007.jpg"]}
 
-    _, got = read_eval(tmp_path / "out", "seg", "val", image_size=40)  # 40x30 -> 40x40: rows stretch by 4/3
+    _, got = read_eval(tmp_path / "out", "seg", "val", image_size=40)  # 40x30: longest side already 40, 10 rows padded
     masks = got["masks"][0]
     assert masks.shape == (3, 40, 40) and got["image_id"] == [5]
     square = masks[0].nonzero()  # polygon (5,5)-(15,15)
     assert square[:, 1].min() == 5 and square[:, 1].max() in (14, 15)
     crowd = np.zeros((30, 40), np.uint8)
     crowd[20:28, 2:12] = 1  # the uncompressed crowd RLE in the fixture
-    stretched = torch.nn.functional.interpolate(torch.from_numpy(crowd)[None, None].float(), size=(40, 40), mode="nearest-exact")
-    assert torch.equal(masks[2], stretched[0, 0].to(torch.uint8))
+    padded = torch.zeros(40, 40, dtype=torch.uint8)
+    padded[:30] = torch.from_numpy(crowd)
+    assert torch.equal(masks[2], padded)
     record = json.loads(tarfile.open(next((tmp_path / "out" / "seg").glob("val-*.tar"))).extractfile("5.json").read())
     assert [a["category_id"] for a in record["annotations"]] == [18, 1, 1] and record["annotations"][2]["iscrowd"] == 1
     assert all(isinstance(a["segmentation"]["counts"], str) for a in record["annotations"]), "compressed RLE, like SA-1B"
