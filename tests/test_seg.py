@@ -302,6 +302,42 @@ def test_cost_and_distillation_join_when_the_encoder_trims(prompt_aware):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trimmer.parameters()), "the trimmers learn"
 
 
+def test_prompt_aware_trimming_pays_for_every_prompt_round(monkeypatch):
+    """Each click round re-encodes the image for its prompts; the budget covers all those passes."""
+    import trim.models.sam_prompts as sam_prompts
+
+    objective, recipe = seg_objective(click_rounds=1)
+    cfg = recipe.model.config
+    cfg.sam.trim.token_layers, cfg.sam.trim.prompt_aware = [2], True
+    model = create_model(cfg.validate())
+    costs = []
+    original = sam_prompts.prompt_round
+
+    def recording_round(*args, **kwargs):
+        result = original(*args, **kwargs)
+        costs.append(float(result.cost_ratio.float().mean()))
+        return result
+
+    monkeypatch.setattr(sam_prompts, "prompt_round", recording_round)
+    box_costs = []
+    forward = type(model).forward
+
+    def recording_forward(self, *args, **kwargs):
+        result = forward(self, *args, **kwargs)
+        if kwargs.get("boxes") is not None:
+            box_costs.append(float(result.cost_ratio.float().mean()))
+        return result
+
+    monkeypatch.setattr(type(model), "forward", recording_forward)
+    with torch.no_grad():  # click prompts keep more than box prompts: the two costs differ
+        for trimmer in model.image_encoder.token_trimmers.values():
+            for param in trimmer.parameters():
+                param.normal_()
+    terms = objective(model, seg_batch(), 0).terms
+    assert len(box_costs) == 1 and len(costs) == 2  # one box pass, the first click and one refinement
+    assert terms["cost_ratio"] == pytest.approx((box_costs[0] + sum(costs)) / 3, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
