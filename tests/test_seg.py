@@ -315,7 +315,7 @@ def test_prompt_aware_trimming_pays_for_every_prompt_round(monkeypatch):
 
     def recording_round(*args, **kwargs):
         result = original(*args, **kwargs)
-        costs.append(float(result.cost_ratio.float().mean()))
+        costs.append(float(result.cost_ratio.detach().float().mean()))
         return result
 
     monkeypatch.setattr(sam_prompts, "prompt_round", recording_round)
@@ -325,7 +325,7 @@ def test_prompt_aware_trimming_pays_for_every_prompt_round(monkeypatch):
     def recording_forward(self, *args, **kwargs):
         result = forward(self, *args, **kwargs)
         if kwargs.get("boxes") is not None:
-            box_costs.append(float(result.cost_ratio.float().mean()))
+            box_costs.append(float(result.cost_ratio.detach().float().mean()))
         return result
 
     monkeypatch.setattr(type(model), "forward", recording_forward)
