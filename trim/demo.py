@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from trim.retention import Plan, World, evaluate, print_table, run_plan
+from trim.retention import Plan, SynthData, evaluate, print_table, run_plan
 
 RUNS = (("smarttrim", 0.5), ("smarttrim", 0.33), ("random", 0.5), ("text_agnostic", 0.5))
 BUDGETS = (0.6, 0.5, 0.4, 0.33)  # served by the SmartTrim 0.5 model's calibration
@@ -34,13 +34,13 @@ BUDGETS = (0.6, 0.5, 0.4, 0.33)  # served by the SmartTrim 0.5 model's calibrati
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trim demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--train-samples", type=int, default=World.train_samples)
-    p.add_argument("--val-samples", type=int, default=World.val_samples)
+    p.add_argument("--train-samples", type=int, default=SynthData.train_samples)
+    p.add_argument("--val-samples", type=int, default=SynthData.val_samples)
     p.add_argument("--full-steps", type=int, help="training steps of the full model (default: the recipe's)")
     p.add_argument("--trim-steps", type=int, help="training steps of each pruned model (default: the recipe's)")
     a = p.parse_args(argv)
     out, start = Path(a.out), time.time()
-    world = World(train_samples=a.train_samples, val_samples=a.val_samples)
+    world = SynthData(train_samples=a.train_samples, val_samples=a.val_samples)
     plan = Plan("vqa", RUNS, full_steps=a.full_steps, trim_steps=a.trim_steps)
     paths = run_plan(plan, world, out)
     knob = Path(paths["trimmed"][0]).parent.parent  # the SmartTrim 0.5 run

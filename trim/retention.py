@@ -31,28 +31,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trim.data.synthetic import World
+
 METHODS = ("smarttrim", "random", "evit", "text_agnostic", "static_heads", "fixed_ratio")
 TARGETS = (0.5, 0.33)
 
 
+# The world the comparison runs on: few, large objects, so the full model learns to look.
+SCENES = World(min_objects=1, max_objects=3, size_scale=1.5)
+
+
 @dataclass
-class World:
+class SynthData:
     """The synthetic data the comparison runs on (`trim data synth` flags)."""
 
     seed: int = 0
     image_size: int = 64
-    min_objects: int = 1
-    max_objects: int = 3
-    size_scale: float = 1.5
+    scenes: World = SCENES
     train_samples: int = 20_000
     val_samples: int = 1_000
 
     def synth_argv(self, out: Path, task: str) -> list[str]:
         # seg shards too: their masks and attributes pretrain the vision tower
+        w = self.scenes
         return ["data", "synth", "--out", str(out), "--train", str(self.train_samples), "--val",
                 str(self.val_samples), "--test", "0", "--tasks", f"{task},seg", "--image-size", str(self.image_size),
-                "--seed", str(self.seed), "--min-objects", str(self.min_objects), "--max-objects",
-                str(self.max_objects), "--size-scale", str(self.size_scale)]  # fmt: skip
+                "--seed", str(self.seed), "--min-objects", str(w.min_objects), "--max-objects",
+                str(w.max_objects), "--size-scale", str(w.size_scale)]  # fmt: skip
 
 
 @dataclass
@@ -115,7 +120,7 @@ def train(recipe: str, out: Path, data: Path, name: str, overrides: Sequence[str
     return out / name
 
 
-def run_plan(plan: Plan, world: World, out: Path) -> dict[str, Any]:
+def run_plan(plan: Plan, world: SynthData, out: Path) -> dict[str, Any]:
     """Train and evaluate everything ``plan`` names; returns {"full", "blind", "trimmed": [...]} eval paths."""
     task, data = plan.task, out / "data"
     if not (data / "manifest.json").is_file():
@@ -198,12 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     p.add_argument("--out", default="runs/retention")
-    w = World()
+    w, scenes = SynthData(), SCENES
     p.add_argument("--seed", type=int, default=w.seed, help="data and training seed")
     p.add_argument("--image-size", type=int, default=w.image_size)
-    p.add_argument("--min-objects", type=int, default=w.min_objects)
-    p.add_argument("--max-objects", type=int, default=w.max_objects)
-    p.add_argument("--size-scale", type=float, default=w.size_scale)
+    p.add_argument("--min-objects", type=int, default=scenes.min_objects)
+    p.add_argument("--max-objects", type=int, default=scenes.max_objects)
+    p.add_argument("--size-scale", type=float, default=scenes.size_scale)
     p.add_argument("--train-samples", type=int, default=w.train_samples)
     p.add_argument("--val-samples", type=int, default=w.val_samples)
     p.add_argument("--pretrain-steps", type=int, default=Plan.pretrain_steps, help="trim pretrain-vision steps")
@@ -216,7 +221,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     start, out = time.time(), Path(a.out)
-    world = World(a.seed, a.image_size, a.min_objects, a.max_objects, a.size_scale, a.train_samples, a.val_samples)
+    try:  # impossible world settings stop here, before any data is written
+        scenes = World(a.min_objects, a.max_objects, a.size_scale)
+    except ValueError as exn:
+        raise SystemExit(f"trim bench retention: --min-objects/--max-objects/--size-scale: {exn}") from None
+    world = SynthData(a.seed, a.image_size, scenes, a.train_samples, a.val_samples)
     extra = [f"model.vision.image_size={a.image_size}", f"data.image_size={a.image_size}", *a.overrides]
     runs = [(method, target) for target in a.targets for method in a.methods]
     plan = Plan(a.task, runs, a.pretrain_steps, a.full_steps, a.trim_steps, extra=extra)
@@ -226,7 +235,7 @@ def main(argv: list[str]) -> int:
 
     write_report([paths["full"], *paths["trimmed"]], out, title=f"trim retention: {a.task}")
     (out / "retention.txt").write_text(text + "\n")
-    (out / "retention.json").write_text(json.dumps({"world": vars(world), "paths": {
+    (out / "retention.json").write_text(json.dumps({"world": {**vars(world), "scenes": vars(world.scenes)}, "paths": {
         "full": str(paths["full"]), "blind": str(paths["blind"]), "trimmed": [str(p) for p in paths["trimmed"]]}},
         indent=1) + "\n")  # fmt: skip
     print(f"\nretention done in {time.time() - start:.0f}s; table in {out}/retention.txt, Pareto plot and report.md in {out}/")
