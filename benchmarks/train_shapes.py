@@ -111,9 +111,9 @@ def time_steps(model, recipe, data: Path, *, rounds: int, batch_size: int) -> tu
                           mode="train", image_size=recipe.data.image_size)
     batches = [b for b, _ in zip(loader, range(8))]
 
-    def teacher(batch):
+    def teacher(batch, prefix):
         with torch.no_grad():
-            return model(batch, trim="off")
+            return model(batch, trim="off", resume=prefix)
 
     def step(objective, batch, i) -> float:
         t0 = time.perf_counter()

@@ -130,3 +130,32 @@ def test_config_rejects_bad_stems(change, message):
         setattr(cfg.vision, key, value)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_teacher_resuming_from_the_students_prefix_equals_a_whole_pass(task):
+    """The blocks before each tower's first trimmer compute alike with trim="train" and "off", so
+    the distillation teacher resumes from the student's prefix (`ModelOutput.prefix`): same logits,
+    hidden features, records and cost as a separate trim="off" pass."""
+    model, data = make("dual", task), batch(task)
+    randomise_trimmers(model)
+    assert model.text.stack.prefix_length == 1 and model.vision.stack.prefix_length == 1  # text / vision heads at 1
+    out = model(data, trim="train", tau=0.5)
+    assert len(out.prefix) == (2 if task == "nlvr2" else 1)
+    assert all(not t.requires_grad for image in out.prefix for t in image.values())
+    with torch.no_grad():
+        whole, resumed = model(data, trim="off"), model(data, trim="off", resume=out.prefix)
+    torch.testing.assert_close(resumed.logits, whole.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.hidden, whole.hidden, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.cost_ratio, whole.cost_ratio)
+    assert {k: len(v) for k, v in resumed.records.items()} == {k: len(v) for k, v in whole.records.items()}
+    with torch.no_grad():
+        assert model(data, trim="off").prefix is None and model(data, trim="eval").prefix is None
+
+
+def test_bridged_model_shares_no_prefix():
+    """BridgeTower's bridges read every tower layer's output: nothing is shared, nothing skipped."""
+    cfg = ModelConfig(family="dual", task="vqa", num_labels=7, trim=TRIM["dual"], bridge_layers=[0, 1])
+    cfg.vision.layers = 3
+    model = create_model(cfg).eval()
+    assert model(batch("vqa"), trim="train").prefix is None

@@ -59,7 +59,7 @@ class FakeModel(torch.nn.Module):
         b = batch["labels"].shape[0]
         ratio = torch.sigmoid(self.w + torch.arange(b, dtype=torch.float32)) if trim == "train" else torch.ones(b)
         logits = torch.zeros(b, 25) + self.w
-        return SimpleNamespace(logits=logits, cost_ratio=ratio, hidden=logits[:, :4] + 1.0, records={})
+        return SimpleNamespace(logits=logits, cost_ratio=ratio, hidden=logits[:, :4] + 1.0, records={}, prefix=None)
 
 
 def test_smarttrim_objective_terms(monkeypatch):
@@ -68,7 +68,7 @@ def test_smarttrim_objective_terms(monkeypatch):
     assert objective.target(0) == 1.0 and objective.target(4) == pytest.approx(0.4)
     model = FakeModel()
     batch = {"labels": torch.rand(4, 25)}
-    result = objective(model, batch, 2, teacher=lambda b: model(b, trim="off"))
+    result = objective(model, batch, 2, teacher=lambda b, prefix: model(b, trim="off"))
     ratio = torch.sigmoid(torch.arange(4.0)).mean()
     assert result.terms["target"] == pytest.approx(0.7)
     assert result.terms["loss/cost"] == pytest.approx(float((ratio - 0.7) ** 2))
@@ -80,7 +80,7 @@ def test_smarttrim_objective_terms(monkeypatch):
     result.loss.backward()
     assert model.w.grad is not None
     # The cost term sees the global mean when a reduction is given.
-    doubled = objective(model, batch, 2, teacher=lambda b: model(b, trim="off"), global_mean=lambda x: x * 0 + 0.7)
+    doubled = objective(model, batch, 2, teacher=lambda b, prefix: model(b, trim="off"), global_mean=lambda x: x * 0 + 0.7)
     assert doubled.terms["loss/cost"] == pytest.approx(0.0)
     plain = METHODS["none"](recipe.objective, task="vqa")(model, batch, 0)
     assert set(plain.terms) == {"loss", "loss/task", "cost_ratio"} and model.calls[-1][0] == "off"
@@ -307,6 +307,35 @@ def test_binarize_term_reads_every_trimmer_decision():
     p0 = torch.sigmoid(torch.tensor(3.0))
     assert float(indecision(probs).detach()) == pytest.approx(float(4 * p0 * (1 - p0)), rel=1e-4)
     objective = build_objective(recipe.objective, "vqa")
-    result = objective(model, batch, 0, teacher=lambda b: model(b, trim="off"))
+    result = objective(model, batch, 0, teacher=lambda b, prefix: model(b, trim="off"))
     assert result.terms["loss/binarize"] == pytest.approx(float(4 * p0 * (1 - p0)), rel=1e-4)
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed again
+
+
+def test_teacher_sharing_the_students_prefix_changes_no_loss_or_gradient():
+    """The SmartTrim step with the teacher resuming from the student's prefix (`ModelOutput.prefix`)
+    gives the same loss terms and gradients as with a teacher that runs whole."""
+    from trim.models import create_model
+
+    recipe = load_recipe(tiny_recipe(Path("unused"), Path("unused"), objective={"binarize": 1.0}))
+    model = create_model(recipe.model.config)
+    objective = build_objective(recipe.objective, "vqa")
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batch = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": ids, "attention_mask": mask,
+             "labels": torch.rand(3, 25)}
+
+    def step(share: bool):
+        torch.manual_seed(0)  # the same Gumbel samples
+        model.zero_grad()
+        teacher = lambda b, prefix: model(b, trim="off", resume=prefix if share else None)  # noqa: E731
+        result = objective(model, batch, 1, teacher=teacher)
+        result.loss.backward()
+        return result.terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (terms, grads), (shared_terms, shared_grads) = step(False), step(True)
+    assert shared_terms == pytest.approx(terms, rel=1e-6, abs=1e-7) and terms["loss/distill"] > 0
+    assert shared_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(shared_grads[name], g, atol=1e-7, rtol=1e-6, msg=name)

@@ -33,11 +33,15 @@ class TrimModel(nn.Module):
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0, layout: str = "packed") -> Tensor:
+               image_index: int = 0, layout: str = "packed", prefix: dict[str, Tensor] | None = None,
+               resume: dict[str, Tensor] | None = None) -> Tensor:
+        """``prefix``: a dict to fill with the values a pass in another mode may ``resume`` from
+        (`ModelOutput.prefix`); a model that shares nothing leaves it empty."""
         raise NotImplementedError
 
     def forward(self, batch: dict, trim: str = "off", tau: float = 1.0, track_alive: bool = False,
-                budget: float | None = None, layout: str = "auto") -> ModelOutput:
+                budget: float | None = None, layout: str = "auto",
+                resume: list[dict[str, Tensor]] | None = None) -> ModelOutput:
         """``trim``: a trimming mode (`trim.prune.TRIM_MODES`).
 
         ``budget``: the mean cost ratio to serve with deterministic decisions (``masked`` /
@@ -46,6 +50,8 @@ class TrimModel(nn.Module):
         ``layout``: how ``trim="eval"`` holds the kept tokens, ``packed`` (each sample pays for
         what it kept) or ``padded`` (every sample padded to the batch's longest); ``auto`` picks by
         the vision stream's size (`trim.prune.auto_layout`), the same for every stream.
+        ``resume``: the `ModelOutput.prefix` of a ``trim="train"`` pass on this same batch and weights;
+        the blocks it covers are not run again (the distillation teacher's shared prefix).
         """
         check_mode(trim)
         if budget is not None and trim not in ("masked", "eval"):
@@ -54,8 +60,8 @@ class TrimModel(nn.Module):
         shift = self.budget_shift(budget) if trim in ("masked", "eval") else 0.0
         if shift:
             with logit_shift(self, shift):
-                return self._forward(batch, trim, tau, track_alive, layout)
-        return self._forward(batch, trim, tau, track_alive, layout)
+                return self._forward(batch, trim, tau, track_alive, layout, resume)
+        return self._forward(batch, trim, tau, track_alive, layout, resume)
 
     def budget_shift(self, budget: float | None) -> float:
         """The logit shift that serves ``budget`` (see ``forward``)."""
@@ -70,29 +76,31 @@ class TrimModel(nn.Module):
                                    "--data ROOT` (training calibrates its final checkpoint) or drop the budget")
         return self.calibration.shift_for(budget)
 
-    def _forward(self, batch: dict, trim: str, tau: float, track_alive: bool, layout: str) -> ModelOutput:
+    def _forward(self, batch: dict, trim: str, tau: float, track_alive: bool, layout: str,
+                 resume: list[dict[str, Tensor]] | None) -> ModelOutput:
         if layout == "auto":  # one decision for the model: co-attention needs both streams in one layout
             layout = auto_layout(self.config.vision.width, self.config.vision.num_tokens)
         pixels, ids = batch["pixel_values"], batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         records: dict[str, list[LayerRecord]] = {}
-        if pixels.dim() == 5:  # (B, images, C, H, W): NLVR2
-            pooled, costs = [], []
-            for k in range(pixels.shape[1]):
-                meter = CostMeter()
-                recs: dict[str, list[LayerRecord]] = {}
-                pooled.append(self.encode(pixels[:, k], ids, mask, mode=trim, tau=tau, meter=meter, records=recs,
-                                          track_alive=track_alive, image_index=k, layout=layout))
-                costs.append(meter.ratio())
-                records.update({per_image(name, k): r for name, r in recs.items()})
-            hidden, cost = torch.cat(pooled, -1), torch.stack(costs).mean(0)
-        else:
+        images = [pixels[:, k] for k in range(pixels.shape[1])] if pixels.dim() == 5 else [pixels]  # NLVR2: 2 images
+        if resume is not None and len(resume) != len(images):
+            raise ValueError(f"resume= holds the prefix of {len(resume)} images, this batch has {len(images)} per sample")
+        pooled, costs, prefixes = [], [], []
+        for k, image in enumerate(images):
             meter = CostMeter()
-            hidden = self.encode(pixels, ids, mask, mode=trim, tau=tau, meter=meter, records=records,
-                                 track_alive=track_alive, layout=layout)
-            cost = meter.ratio()
-        return ModelOutput(self.head(hidden), cost, hidden, records)
+            recs: dict[str, list[LayerRecord]] = {}
+            prefix: dict[str, Tensor] = {}
+            pooled.append(self.encode(image, ids, mask, mode=trim, tau=tau, meter=meter, records=recs,
+                                      track_alive=track_alive, image_index=k, layout=layout,
+                                      prefix=prefix if trim == "train" else None,
+                                      resume=None if resume is None else resume[k]))
+            costs.append(meter.ratio())
+            prefixes.append(prefix)
+            records.update({per_image(name, k): r for name, r in recs.items()} if len(images) > 1 else recs)
+        hidden, cost = (pooled[0], costs[0]) if len(images) == 1 else (torch.cat(pooled, -1), torch.stack(costs).mean(0))
+        return ModelOutput(self.head(hidden), cost, hidden, records, prefixes if all(prefixes) else None)
 
     def trimmer_parameters(self):
         """Parameters of every trimmer (the trainer gives them their own learning rate)."""

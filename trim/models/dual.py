@@ -20,7 +20,7 @@ from trim.models.base import TrimModel
 from trim.models.streams import CROSS_IMAGE, CROSS_TEXT, TEXT, VISION
 from trim.models.config import ModelConfig
 from trim.models.heads import Pooler, make_head
-from trim.models.towers import TextTower, VisionTower, text_protect
+from trim.models.towers import TextTower, VisionTower, text_protect, vision_protect
 from trim.nn import CrossBlock, TokenSet
 from trim.prune import CostMeter, LayerRecord, Trimmer, block_flops, head_trimmer, start_tokens, token_trimmer
 from trim.prune.cost import core_pairs
@@ -85,18 +85,28 @@ class DualStreamModel(TrimModel):
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0, layout: str = "packed") -> Tensor:
+               image_index: int = 0, layout: str = "packed", prefix: dict[str, Tensor] | None = None,
+               resume: dict[str, Tensor] | None = None) -> Tensor:
+        """``prefix`` receives each tower's values after the blocks before its first trimmer
+        (embeddings included), ``resume`` starts each tower from them (`TrimmedStack.forward`).
+        BridgeTower's bridges read every tower layer's output, so a bridged model shares none."""
         cfg = self.config
         bridged = bool(cfg.bridge_layers)
         text_outs: list[TokenSet] | None = [] if bridged else None
         image_outs: list[TokenSet] | None = [] if bridged else None
-        t = start_tokens(self.text.embeddings(input_ids), mode, valid=attention_mask.bool(),
-                         protect=text_protect(attention_mask), layout=layout)
+        resume = None if bridged else resume
+        share = prefix is not None and not bridged
+        text_prefix, vision_prefix = ([], []) if share else (None, None)
+        x = resume[TEXT] if resume else self.text.embeddings(input_ids)
+        t = start_tokens(x, mode, valid=attention_mask.bool(), protect=text_protect(attention_mask), layout=layout)
         t = self.text.stack(t, mode=mode, tau=tau, meter=meter, records=records.setdefault(TEXT, []),
-                            outputs=text_outs)
-        x, protect = self.vision.embed_tokens(pixels)
-        v = self.vision.stack(start_tokens(x, mode, protect=protect, layout=layout), mode=mode, other=t.mean(), tau=tau, meter=meter,
-                              records=records.setdefault(VISION, []), track_alive=track_alive, outputs=image_outs)
+                            outputs=text_outs, prefix=text_prefix, resume=bool(resume))
+        x = resume[VISION] if resume else self.vision.ln_pre(self.vision.embed(pixels))
+        v = self.vision.stack(start_tokens(x, mode, protect=vision_protect(x), layout=layout), mode=mode, other=t.mean(),
+                              tau=tau, meter=meter, records=records.setdefault(VISION, []), track_alive=track_alive,
+                              outputs=image_outs, prefix=vision_prefix, resume=bool(resume))
+        if share:
+            prefix.update({TEXT: text_prefix[0], VISION: vision_prefix[0]})
         if bridged:
             t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
             t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, image=False)))

@@ -15,3 +15,7 @@ class ModelOutput:
     cost_ratio: Tensor  # (B,) FLOPs vs the untrimmed model; expected (differentiable) with trim="train"
     hidden: Tensor  # (B, D) pooled features fed to the head (cosine distillation reads them)
     records: dict[str, list[LayerRecord]] = field(default_factory=dict)  # stream -> per-layer kept counts
+    # trim="train" only: per encoded image, each stream's detached values after the blocks before its
+    # first trimmer, which every trimming mode computes alike; a trim="off" pass on the same batch
+    # (the distillation teacher) resumes from them: ``model(batch, trim="off", resume=out.prefix)``.
+    prefix: list[dict[str, Tensor]] | None = None

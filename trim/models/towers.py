@@ -80,11 +80,9 @@ class VisionTower(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_post else nn.Identity()
 
     def embed_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """Embedded tokens and the protect mask (the CLS token is never pruned)."""
+        """Embedded tokens and the protect mask (`vision_protect`)."""
         x = self.ln_pre(self.embed(pixels))
-        protect = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-        protect[:, 0] = True
-        return x, protect
+        return x, vision_protect(x)
 
 
 class TextEmbeddings(nn.Module):
@@ -124,6 +122,13 @@ class TextTower(nn.Module):
         blocks = [PostNormBlock(cfg.width, cfg.heads, cfg.mlp_ratio, act=cfg.act, eps=cfg.eps) for _ in range(cfg.layers)]
         tok, head = make_trimmers(cfg.width, cfg.heads, trim.text_token_layers, trim.text_head_layers, trim, None, TEXT)
         self.stack = TrimmedStack(blocks, token_trimmers=tok, head_trimmers=head)
+
+
+def vision_protect(x: Tensor) -> Tensor:
+    """(B, N) bool for (B, N, D) image tokens: the CLS token is never pruned."""
+    protect = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    protect[:, 0] = True
+    return protect
 
 
 def text_protect(attention_mask: Tensor) -> Tensor:

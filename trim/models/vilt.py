@@ -51,7 +51,9 @@ class ViltModel(TrimModel):
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
-               image_index: int = 0, layout: str = "packed") -> Tensor:
+               image_index: int = 0, layout: str = "packed", prefix: dict[str, Tensor] | None = None,
+               resume: dict[str, Tensor] | None = None) -> Tensor:
+        # Shares no prefix yet: ``prefix`` stays empty, so its teacher runs whole (no ``resume``).
         # Modality rows through the Embedding's forward (not .weight[i]) so hooks and ZeRO-3 see the read.
         modality = self.modality_embeddings(torch.tensor([0, 1 + image_index], device=input_ids.device))
         text = self.text_embeddings(input_ids) + modality[0]

@@ -7,7 +7,8 @@ Everything a pruning method needs is an argument of `Attention.forward`:
   gradients during training) runs the same SDPA call with ``m > 0`` in the forward
   (`SoftMaskedAttention`) and back-propagates the renormalised softmax over the kept keys,
   ``p_ij = m_j exp(s_ij) / sum_k m_k exp(s_ik)``, so the trimmer that made ``m`` gets a
-  gradient. For 0/1 values both give the same result.
+  gradient. For 0/1 values both give the same result. A float mask that carries no gradient
+  (the padding mask before any trimmer) takes the bool call: same values, SDPA's own backward.
 * ``head_mask`` (B, H) float: each head's output is scaled per sample before the output
   projection (0 = head dropped, gradients flow to the head trimmer).
 * ``heads`` (H',) long: compute only these heads by slicing the q/k/v rows and the output
@@ -275,6 +276,8 @@ class Attention(nn.Module):
             rel = self._rel_pos_bias(q, k.shape[2], positions, query_index)
             attn_bias = rel if attn_bias is None else attn_bias + rel
 
+        if key_keep is not None and key_keep.is_floating_point() and not key_keep.requires_grad:
+            key_keep = key_keep > 0  # a constant 0/1 mask (padding): the bool call, with SDPA's faster backward
         if key_keep is not None and key_keep.is_floating_point():
             out = self._soft_masked_attention(q, k, v, key_keep, attn_bias)
         else:

@@ -26,8 +26,10 @@ def gate(new: Tensor, old: Tensor, keep: Tensor | None) -> Tensor:
     """Take `new` where the token is alive and keep `old` where it was pruned."""
     if keep is None:
         return new
-    if keep.is_floating_point():
+    if keep.is_floating_point() and keep.requires_grad:  # straight-through decisions: a differentiable gate
         return old + keep[..., None].to(new.dtype) * (new - old)
+    if keep.is_floating_point():
+        keep = keep > 0
     return torch.where(keep[..., None], new, old)
 
 

@@ -120,8 +120,8 @@ class TokenSet:
         protect = torch.zeros_like(valid) if protect is None else protect.bool()
         gaps = not bool(valid.all())
         if not physical:
-            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment,
-                       has_gaps=soft or gaps, positions=n)
+            return cls(x, valid.to(x.dtype) if soft else valid, protect & valid, segment=segment, has_gaps=gaps,
+                       positions=n)
         tokens = cls(x, valid, protect & valid, index=torch.arange(n, device=x.device).expand(b, n),
                      archive=torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1), segment=segment, has_gaps=False,
                      positions=n)
@@ -225,8 +225,8 @@ class TokenSet:
         """Drop tokens whose ``decision`` is 0/False. Protected tokens are always kept."""
         if not self.physical:
             decision = torch.where(self.protect, torch.ones_like(decision), decision.to(self.keep.dtype))
-            if self.keep.is_floating_point():
-                return replace(self, keep=self.keep * decision)
+            if self.keep.is_floating_point():  # decisions carry gradients: blocks must see the mask
+                return replace(self, keep=self.keep * decision, has_gaps=True)
             keep = self.keep & decision.bool()
             return replace(self, keep=keep, has_gaps=not bool(keep.all()))
         keep = self.keep & (decision.bool() | self.protect)

@@ -173,20 +173,35 @@ class TrimmedStack(nn.Module):
             if not 0 <= int(layer) < len(blocks):
                 raise ValueError(f"trimmer on layer {layer} but the stack has {len(blocks)} layers (0..{len(blocks) - 1})")
 
+    @property
+    def prefix_length(self) -> int:
+        """Blocks before the first trimmer: they compute the same in every trimming mode."""
+        layers = [int(k) for k in [*self.token_trimmers, *self.head_trimmers]]
+        return min(layers, default=len(self.blocks))
+
     def forward(self, tokens: TokenSet, *, mode: str = "off", other: Tensor | None = None, tau: float = 1.0,
                 meter: CostMeter | None = None, records: list[LayerRecord] | None = None,
                 condition: Conditioner | None = None, track_alive: bool = False,
-                outputs: list[TokenSet] | None = None) -> TokenSet:
+                outputs: list[TokenSet] | None = None, prefix: list[Tensor] | None = None,
+                resume: bool = False) -> TokenSet:
         """Run every block.
 
         ``other``: the other modality's pooled feature for cross-modal trimmers, or
         ``condition``: a function giving (own, other) pooled features from the current tokens
         (single-stream models, where both modalities change layer by layer).
         ``outputs`` collects each block's output TokenSet (BridgeTower's bridges read them).
+        ``prefix`` receives the values after the `prefix_length` blocks, detached; a pass on the
+        same input in another trimming mode can then ``resume`` from them: ``tokens`` holds those
+        values and the prefix blocks are counted (cost, records) but not run.
         """
         check_mode(mode)
+        if resume and outputs is not None:
+            raise ValueError("resume skips the prefix blocks, whose outputs= were asked for; run them instead")
         b = tokens.batch_size
         full_tokens = tokens.kept_counts().detach()
+        skip = self.prefix_length if resume else 0
+        if prefix is not None and self.prefix_length == 0:
+            prefix.append(tokens.x.detach())
         for i, block in enumerate(self.blocks):
             key = str(i)
             own, other_now = condition(tokens) if condition is not None and mode != "off" else (None, other)
@@ -199,8 +214,11 @@ class TrimmedStack(nn.Module):
                               per_sample=tokens.packing is None or _attention(block).slices_heads_per_sample(tokens.packing))
             kept = tokens.kept_counts()
             n_cost = token_cost(tokens, tok)
-            tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads,
-                                         packing=tokens.packing, head_keep=head.keep))
+            if i >= skip:
+                tokens = tokens.with_x(block(tokens.x, keep=tokens.block_keep, head_mask=head.mask, heads=head.heads,
+                                             packing=tokens.packing, head_keep=head.keep))
+            if prefix is not None and i + 1 == self.prefix_length:
+                prefix.append(tokens.x.detach())
             if meter is not None:
                 pairs = core_pairs(_attention(block), tokens.packing, head_keep=head.keep)
                 meter.add(block_flops(block, n_cost, head.cost_heads, pairs=pairs) + tok.overhead + head.overhead,

@@ -11,7 +11,10 @@ SmartTrim (``method: smarttrim``)::
 * the student runs with ``trim="train"``: Gumbel-sigmoid decisions at temperature
   ``tau(step)`` (annealed ``tau_start -> tau_end``) with straight-through gradients, and a
   differentiable expected cost ratio (trimmed / full FLOPs) per sample;
-* the teacher is the same weights with ``trim="off"`` under ``no_grad`` (self-distillation);
+* the teacher is the same weights with ``trim="off"`` under ``no_grad`` (self-distillation),
+  called as ``teacher(batch, prefix)``: ``prefix`` is the student's `ModelOutput.prefix`, the
+  values of the blocks before the first trimmers, which both passes compute alike (trim has no
+  dropout), so the teacher resumes from them instead of running them again;
   D is KL of softened distributions for single-label heads (NLVR2) and BCE toward the
   teacher's sigmoid for multi-label heads (VQA);
 * ``target(step)`` follows the curriculum: 1.0 for ``curriculum.warmup`` steps, then down
@@ -259,7 +262,7 @@ class SmartTrim(Objective):
             if teacher is None:
                 raise RuntimeError("SmartTrim distillation needs the teacher pass (trim='off'); pass teacher=")
             with torch.no_grad():
-                ref = teacher(batch)
+                ref = teacher(batch, out.prefix)
             if cfg.distill.weight > 0:
                 d = self.distill(out.logits.float(), ref.logits.float(), cfg.distill.temperature)
                 loss = loss + cfg.distill.weight * d

@@ -384,9 +384,9 @@ class Trainer:
         self.model = self.build_model()
         self.teacher = None
         if self.objective.needs_teacher:
-            def teacher(batch: dict) -> Any:  # the same weights with trimming off: self-distillation
+            def teacher(batch: dict, prefix: list | None) -> Any:  # the same weights with trimming off: self-distillation
                 with torch.no_grad():
-                    return self.unwrapped(batch, trim="off")
+                    return self.unwrapped(batch, trim="off", resume=prefix)
 
             self.teacher = teacher
 
