@@ -86,35 +86,6 @@ def test_smarttrim_objective_terms(monkeypatch):
     assert set(plain.terms) == {"loss", "loss/task", "cost_ratio"} and model.calls[-1][0] == "off"
 
 
-def test_budget_multiplier_rises_while_over_budget_and_resumes(monkeypatch):
-    recipe = load_recipe(tiny_recipe(Path("unused"), Path("unused"), objective={
-        "target": 0.4, "budget_multiplier_lr": 2.0, "curriculum": {"steps": 0}}))  # fmt: skip
-    objective = build_objective(recipe.objective, "vqa")
-    model, batch = FakeModel(), {"labels": torch.rand(4, 25)}
-    teacher = lambda b, prefix: model(b, trim="off")  # noqa: E731
-    gap = float(torch.sigmoid(torch.arange(4.0)).mean()) - 0.4  # the fake model costs more than the target
-    first = objective(model, batch, 0, teacher=teacher)
-    assert first.terms["budget_multiplier"] == pytest.approx(2.0 * gap)  # raised after the step it served
-    second = objective(model, batch, 1, teacher=teacher)
-    # the second step's loss carries mu = 2 gap times the gap, and mu keeps rising
-    without = (second.terms["loss/task"] + recipe.objective.lambda_cost * second.terms["loss/cost"]
-               + second.terms["loss/distill"] + 0.1 * second.terms["loss/hidden"])
-    assert second.terms["loss"] == pytest.approx(without + 2.0 * gap * gap, rel=1e-5)
-    assert second.terms["budget_multiplier"] == pytest.approx(4.0 * gap)
-    # under budget the multiplier comes down again
-    under = objective(model, batch, 2, teacher=teacher, global_mean=lambda x: x * 0 + 0.1)
-    assert under.terms["budget_multiplier"] == pytest.approx(4.0 * gap - 2.0 * 0.3)
-    # a resumed run continues from the saved multiplier
-    resumed = build_objective(recipe.objective, "vqa")
-    resumed.load_state_dict(objective.state_dict())
-    assert resumed.multiplier.value == pytest.approx(objective.multiplier.value)
-    # off by default: the paper's squared penalty alone
-    default = build_objective(load_recipe(tiny_recipe(Path("unused"), Path("unused"))).objective, "vqa")
-    assert "budget_multiplier" not in default(model, batch, 0, teacher=teacher).terms
-    with pytest.raises(ConfigError, match="budget_multiplier_lr"):
-        load_recipe(tiny_recipe(Path("unused"), Path("unused"), objective={"budget_multiplier_lr": -1.0}))
-
-
 def test_param_groups_give_trimmers_their_own_lr():
     from trim.models import create_model
 

@@ -229,9 +229,6 @@ class ObjectiveConfig:
     # weight of mean 4 p (1 - p) over the trimmers' keep probabilities: pushes decisions to 0 or 1
     # so that inference's deterministic rule (keep if p > 1/2) costs what training expected
     binarize: float = 0.0
-    # step size of the Lagrange multiplier on (cost - target) (dual ascent; 0: off, the paper's squared
-    # penalty alone): makes training end on the target instead of where the penalty balances the task
-    budget_multiplier_lr: float = 0.0
     gumbel: GumbelConfig = field(default_factory=GumbelConfig)
     # held-out (val) inputs on which the final checkpoint's budget calibration is fitted (0: none),
     # so the mean eval cost lands on the target (trim.prune.calibrate)
@@ -249,7 +246,7 @@ class ObjectiveConfig:
                               "(0.5 keeps about half of the FLOPs, 1.0 keeps everything)")
         if self.calibration_samples < 0:
             raise ConfigError(f"objective.calibration_samples={self.calibration_samples} must be >= 0 (0: no calibration)")
-        for key in ("task_weight", "lambda_cost", "hidden_cosine", "binarize", "budget_multiplier_lr"):
+        for key in ("task_weight", "lambda_cost", "hidden_cosine", "binarize"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}={getattr(self, key)} must be >= 0")
         if self.distill.weight < 0:

@@ -4,7 +4,6 @@ SmartTrim (``method: smarttrim``)::
 
     loss = task_weight  * task(student logits, labels)
          + lambda_cost  * (mean_batch(expected cost ratio) - target(step))^2
-         + mu(step)     * (mean_batch(expected cost ratio) - target(step))        (optional, default off)
          + distill.weight * D(student logits, teacher logits; temperature)
          + hidden_cosine  * (1 - cos(student pooled, teacher pooled))
          + binarize       * mean over trimmer decisions of 4 p (1 - p)      (optional, default 0)
@@ -30,15 +29,6 @@ SmartTrim (``method: smarttrim``)::
   the layers, while inference keeps a token exactly when p > 1/2. Probabilities that all sit a
   little above 1/2 meet the budget in expectation and keep everything at inference; the
   penalty pushes each p to 0 or 1, where both agree.
-
-* ``mu`` (not in the paper; ``budget_multiplier_lr``, 0 = off) makes the budget a constraint
-  rather than a preference: a squared penalty settles where its pull equals the task's, above
-  the target (the tiny VQA model trained at lambda_cost 20 ended at cost 0.67 for target 0.5),
-  and the calibration after training then closes that gap with one logit shift for every
-  trimmer, which re-allocates the pruning between layers (there: all of it in one layer, 5% of
-  the patches kept). mu is a Lagrange multiplier raised by dual ascent,
-  mu <- mu + budget_multiplier_lr * (cost - target) after every step (as CoFi's), so training
-  itself ends on the target and the calibration has only the train / inference gap to close.
 
 Plain fine-tuning (``method: none``): ``task_weight * task`` with trimming off; the
 trimmers (if any) are frozen.
@@ -109,24 +99,6 @@ class StepResult:
     loss: Tensor
     terms: dict[str, float] = field(default_factory=dict)
     output: Any = None
-
-
-@dataclass
-class BudgetMultiplier:
-    """The Lagrange multiplier mu of the constraint cost = target, raised by dual ascent.
-
-    ``term(gap)`` returns mu * gap for the loss (its gradient pushes the cost toward the target
-    with force mu) and then moves mu by ``lr * gap``: up while the cost is above the target,
-    down below it. lr = 0 leaves mu at 0 (the paper's squared penalty alone).
-    """
-
-    lr: float = 0.0
-    value: float = 0.0
-
-    def term(self, gap: Tensor) -> Tensor:
-        term = self.value * gap
-        self.value += self.lr * float(gap.detach())
-        return term
 
 
 def identity_mean(x: Tensor) -> Tensor:
@@ -251,7 +223,6 @@ class SmartTrim(Objective):
         self.temperature = TemperatureSchedule(start=g.tau_start, end=g.tau_end, steps=g.steps)
         self.distill = {"kl": kl_logits, "bce": bce_sigmoid}[distill_kind(cfg.distill.kind, task)]
         self.needs_teacher = cfg.distill.weight > 0 or cfg.hidden_cosine > 0
-        self.multiplier = BudgetMultiplier(cfg.budget_multiplier_lr)
 
     def target(self, step: int) -> float:
         return self.curriculum.target(step)
@@ -263,12 +234,11 @@ class SmartTrim(Objective):
         self.curriculum.step = step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curriculum": self.curriculum.state_dict(), "budget_multiplier": self.multiplier.value}
+        return {"curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "curriculum" in state:
             self.curriculum.load_state_dict(state["curriculum"])
-        self.multiplier.value = float(state.get("budget_multiplier", 0.0))
 
     def eval_trim(self) -> str:
         return self.cfg.eval_trim
@@ -281,11 +251,9 @@ class SmartTrim(Objective):
         task = task_loss(out.logits, batch["labels"], self.task)
         ratio = global_mean(out.cost_ratio.float().mean())
         cost = (ratio - target) ** 2
-        loss = cfg.task_weight * task + cfg.lambda_cost * cost + self.multiplier.term(ratio - target)
+        loss = cfg.task_weight * task + cfg.lambda_cost * cost
         terms = {"loss/task": float(task.detach()), "loss/cost": float(cost.detach()),
                  "cost_ratio": float(ratio.detach()), "target": target, "tau": tau}
-        if cfg.budget_multiplier_lr > 0:
-            terms["budget_multiplier"] = self.multiplier.value
         if cfg.binarize > 0 and probs:
             b = indecision(probs)
             loss = loss + cfg.binarize * b
@@ -443,7 +411,7 @@ class PromptedSegmentation(SmartTrim):
             target = self.target(step)
             ratio = global_mean(torch.stack([p.cost_ratio.float().mean() for p in passes]).mean())
             cost = (ratio - target) ** 2
-            loss = loss + cfg.lambda_cost * cost + self.multiplier.term(ratio - target)
+            loss = loss + cfg.lambda_cost * cost
             terms.update({"loss/cost": float(cost.detach()), "cost_ratio": float(ratio.detach()), "target": target,
                           "tau": self.tau(step)})
             if cfg.distill.weight > 0:
