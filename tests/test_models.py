@@ -93,6 +93,21 @@ def test_save_load_roundtrip(tmp_path, family):
             torch.testing.assert_close(loaded(data, trim="eval").logits, model(data, trim="eval").logits)
 
 
+@pytest.mark.parametrize("family", ["dual", "vilt"])
+def test_nlvr2_encodings_know_which_image_they_read(family):
+    """A statement about "the left image" needs each image's encoding to know its side: swapping the
+    pair must not just swap the pooled halves (it did in the dual model, both images typed alike)."""
+    torch.manual_seed(0)
+    model, data = make(family, "nlvr2"), batch("nlvr2")
+    if family == "dual":  # zero at the start (METER: image 2's type starts as image 1's); give it a value
+        torch.nn.init.normal_(model.pair_type_embeddings.weight)
+    swapped = {**data, "pixel_values": data["pixel_values"].flip(1)}
+    with torch.no_grad():
+        hidden, hidden_swapped = model(data).hidden, model(swapped).hidden
+    first, second = hidden.chunk(2, -1)
+    assert not torch.allclose(hidden_swapped, torch.cat([second, first], -1), atol=1e-3)
+
+
 def test_config_rejects_impossible_layers():
     cfg = ModelConfig(trim=TrimConfig(vision_token_layers=[14]))
     cfg.vision.layers = 12

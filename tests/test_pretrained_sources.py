@@ -79,6 +79,21 @@ def test_pretrained_trim_run_folder_with_trimmers_added(tmp_path):
     assert trimmer_keys(model_from_init) == trimmer_keys(model)
 
 
+def test_init_from_a_vqa_run_for_nlvr2(tmp_path):
+    """NLVR2 starts from a VQA model (its cross layers already tie words to image regions): the
+    backbone comes across; the head and the per-image type embeddings are new, the latter zero."""
+    source, run = trim_run_folder(tmp_path, DUAL)
+    raw = recipe({"init_from": str(run), "task": "nlvr2", "num_labels": 2})
+    raw["data"]["task"], raw["objective"] = "nlvr2", {"method": "none"}
+    model = Trainer(load_recipe(raw)).build_model()
+    assert model.config.task == "nlvr2"
+    assert_backbone_from(model, source, except_head=True)
+    assert "pair_type_embeddings.weight" in head_keys(model)
+    assert not model.pair_type_embeddings.weight.any()
+    batch = {**example_batch(), "pixel_values": torch.randn(2, 2, 3, 32, 32)}
+    assert model(batch).logits.shape == (2, 2)
+
+
 def test_pretrained_trim_checkpoint_with_another_label_count(tmp_path):
     source, run = trim_run_folder(tmp_path, {**DUAL, "trim": TRIMMERS})
     model = Trainer(load_recipe(recipe({"pretrained": str(run / "step_2"), "num_labels": 9}))).build_model()

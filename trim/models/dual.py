@@ -31,6 +31,8 @@ CROSS_TRIMMERS = ("text_tokens", "image_tokens", "text_self_heads", "text_cross_
 
 
 class DualStreamModel(TrimModel):
+    task_modules = ("head", "pair_type_embeddings")  # new when the source model had another task
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg.validate()
@@ -40,6 +42,12 @@ class DualStreamModel(TrimModel):
         self.text_transform = nn.Linear(cfg.text.width, w)
         self.image_transform = nn.Linear(cfg.vision.width, w)
         self.token_type_embeddings = nn.Embedding(2, w)
+        # NLVR2: each image of the pair is encoded with the statement on its own, so each encoding must
+        # know which image it reads ("the left image ..."). As METER (one token type per image, image
+        # 2's started from image 1's), image k adds its own row, zero at the start.
+        self.pair_type_embeddings = nn.Embedding(cfg.max_images, w) if cfg.task == "nlvr2" else None
+        if self.pair_type_embeddings is not None:
+            nn.init.zeros_(self.pair_type_embeddings.weight)
         bridged = bool(cfg.bridge_layers)
         eps = cfg.text.eps
         # BridgeTower normalises the first cross inputs and fuses later ones with LayerNorm(a + b).
@@ -71,17 +79,21 @@ class DualStreamModel(TrimModel):
         group = self.cross_trimmers[name]
         return group[str(layer)] if str(layer) in group else None
 
-    def _type_embedding(self, like: Tensor, image: bool) -> Tensor:
-        """The text (0) or image (1) token-type embedding, (D,), through the Embedding's forward
-        (so hooks and ZeRO-3 see the read)."""
-        return self.token_type_embeddings(torch.tensor(int(image), device=like.device))
+    def _type_embedding(self, like: Tensor, image: int | None) -> Tensor:
+        """The token-type embedding, (D,), of the text (``image`` None) or of the ``image``-th image of
+        the sample, through the Embeddings' forward (so hooks and ZeRO-3 see the read)."""
+        emb = self.token_type_embeddings(torch.tensor(int(image is not None), device=like.device))
+        if image is not None and self.pair_type_embeddings is not None:
+            emb = emb + self.pair_type_embeddings(torch.tensor(image, device=like.device))
+        return emb
 
-    def _bridge(self, uni: TokenSet, stream: TokenSet, image: bool) -> Tensor:
-        """A uni-modal layer's output at the cross stream's tokens, projected to the cross width."""
+    def _bridge(self, uni: TokenSet, stream: TokenSet, image: int | None) -> Tensor:
+        """A uni-modal layer's output at the cross stream's tokens, projected to the cross width
+        (``image``: None for the text, else the image's index in the sample)."""
         x = stream.take(uni.restore())
-        if image:
-            return self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True)
-        return self.text_transform(x) + self._type_embedding(x, image=False)
+        if image is not None:
+            return self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image)
+        return self.text_transform(x) + self._type_embedding(x, None)
 
     def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, *, mode: str, tau: float,
                meter: CostMeter, records: dict[str, list[LayerRecord]], track_alive: bool,
@@ -109,13 +121,14 @@ class DualStreamModel(TrimModel):
             prefix.update({TEXT: text_prefix[0], VISION: vision_prefix[0]})
         if bridged:
             t0, v0 = text_outs[cfg.bridge_layers[0]], image_outs[cfg.bridge_layers[0]]
-            t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, image=False)))
-            v = v0.project(lambda _: self.image_input_norm(self._bridge(v0, v0, image=True)))
+            t = t0.project(lambda _: self.text_input_norm(self._bridge(t0, t0, None)))
+            v = v0.project(lambda _: self.image_input_norm(self._bridge(v0, v0, image_index)))
         else:
-            t = t.project(lambda x: self.text_transform(x) + self._type_embedding(x, image=False))
-            v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image=True))
+            t = t.project(lambda x: self.text_transform(x) + self._type_embedding(x, None))
+            v = v.project(lambda x: self.image_transform(self.vision.ln_post(x)) + self._type_embedding(x, image_index))
         t, v = self._cross(t, v, mode=mode, tau=tau, meter=meter, records=records, track_alive=track_alive,
-                           text_outs=text_outs, image_outs=image_outs, full_text=attention_mask.sum(1))
+                           text_outs=text_outs, image_outs=image_outs, full_text=attention_mask.sum(1),
+                           image_index=image_index)
         return self.pooled(t.first(), v.first())
 
     def pooled(self, text_cls: Tensor, image_cls: Tensor) -> Tensor:
@@ -124,7 +137,7 @@ class DualStreamModel(TrimModel):
 
     def _cross(self, t: TokenSet, v: TokenSet, *, mode: str, tau: float, meter: CostMeter,
                records: dict[str, list[LayerRecord]], track_alive: bool, text_outs: list[TokenSet] | None,
-               image_outs: list[TokenSet] | None, full_text: Tensor) -> tuple[TokenSet, TokenSet]:
+               image_outs: list[TokenSet] | None, full_text: Tensor, image_index: int) -> tuple[TokenSet, TokenSet]:
         cfg = self.config
         b = t.batch_size
         # The untrimmed reference: every valid text token and every image token, not what the
@@ -135,8 +148,8 @@ class DualStreamModel(TrimModel):
         for j, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers)):
             if j > 0 and cfg.bridge_layers:
                 uni = cfg.bridge_layers[j]
-                t = t.with_x(self.text_links[j - 1](self._bridge(text_outs[uni], t, image=False) + t.x))
-                v = v.with_x(self.image_links[j - 1](self._bridge(image_outs[uni], v, image=True) + v.x))
+                t = t.with_x(self.text_links[j - 1](self._bridge(text_outs[uni], t, None) + t.x))
+                v = v.with_x(self.image_links[j - 1](self._bridge(image_outs[uni], v, image_index) + v.x))
             # Both streams decide from the previous layer's outputs, each seeing the other's summary.
             t_pool, v_pool = t.mean(), v.mean()
             ts = trim_tokens(self._trimmer("text_tokens", j), t, mode, tau=tau, own=t_pool, other=v_pool,

@@ -170,9 +170,10 @@ def trimmer_keys(model: nn.Module) -> set[str]:
 
 
 def head_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the task head (fresh when the source has another task or label count)."""
-    head = getattr(model, "head", None)
-    return set() if head is None else {f"head.{k}" for k in head.state_dict()}
+    """State-dict keys of the task head and the model's other task-specific modules (``task_modules``,
+    e.g. NLVR2's per-image type embeddings): fresh when the source has another task or label count."""
+    modules = ((name, getattr(model, name, None)) for name in getattr(model, "task_modules", ("head",)))
+    return {f"{name}.{k}" for name, module in modules if module is not None for k in module.state_dict()}
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, source: str,

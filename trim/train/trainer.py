@@ -30,8 +30,7 @@ import torch
 from trim.config import Recipe
 from trim.errors import ConfigError
 from trim.models.base import MODEL_INPUTS
-from trim.models.io import (WEIGHTS_NAME, load_model, load_weights, read_weights, resolve_checkpoint, transfer_weights,
-                            trimmer_keys, write_calibration)
+from trim.models.io import load_model, resolve_checkpoint, transfer_weights, write_calibration
 from trim.prune import trimmer_modules
 from trim.prune.calibrate import calibrate, held_out_inputs
 from trim.prune.keep_ratio import CALIBRATION_SKIPPED, model_keep_ratio
@@ -281,10 +280,10 @@ class Trainer:
             return self._from_pretrained(sec.pretrained, sec.config)
         model = create_model(sec.config)
         if sec.init_from:
-            weights = Path(sec.init_from) / WEIGHTS_NAME
-            added = load_weights(model, read_weights(weights), source=str(weights), fresh=trimmer_keys(model))
+            # the source may have another head (another task: NLVR2 from a VQA model) or other trimmers
+            added = transfer_weights(load_model(sec.init_from), model, source=f"model.init_from={sec.init_from!r}")
             _little_from_big(model, added)
-            log.info("initialised from %s (%d new trimmer tensors)", sec.init_from, len(added))
+            log.info("initialised from %s (%d fresh head / trimmer tensors)", sec.init_from, len(added))
         return model
 
     @staticmethod
