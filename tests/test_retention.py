@@ -29,3 +29,24 @@ def test_table_measures_every_method_against_the_full_model():
 def test_run_names_are_distinct_per_method_and_target():
     names = {run_name("vqa", m, t) for m in ("smarttrim", "random") for t in (0.5, 0.33)}
     assert len(names) == 4 and run_name("vqa", "full") == "shapes_vqa_dual_tiny_full"
+
+
+def test_nlvr2_starts_from_the_vqa_model_of_the_same_world(tmp_path, monkeypatch):
+    """From the tower alone the tiny NLVR2 model stays at chance: the bench trains VQA first."""
+    import trim.retention as retention
+
+    commands = []
+    monkeypatch.setattr(retention, "run_trim", lambda argv, trim_main=None: commands.append(argv))
+    monkeypatch.setattr(retention, "evaluate", lambda run, task, data, **kw: run / "eval" / f"{task}.json")
+    plan = retention.Plan("nlvr2", [("smarttrim", 0.5)], full_steps=7)
+    retention.run_plan(plan, retention.SynthData(), tmp_path)
+    synth, pretrain, vqa, nlvr2, trimmed = commands
+    assert synth[synth.index("--tasks") + 1] == "vqa,nlvr2,seg"
+    assert pretrain[:2] == ["pretrain-vision", "recipes/shapes_vqa_dual_tiny_full.yaml"]
+    assert vqa[1] == "recipes/shapes_vqa_dual_tiny_full.yaml" and f"model.init_from={tmp_path / 'vision_pretrained'}" in vqa
+    assert "train.steps=7" not in vqa  # --full-steps is the NLVR2 model's
+    assert nlvr2[1] == "recipes/shapes_nlvr2_dual_tiny_full.yaml" and "train.steps=7" in nlvr2
+    assert f"model.init_from={tmp_path / 'shapes_vqa_dual_tiny_full'}" in nlvr2
+    assert f"model.init_from={tmp_path / 'shapes_nlvr2_dual_tiny_full'}" in trimmed
+    vqa_synth = retention.SynthData().synth_argv(tmp_path, "vqa")
+    assert vqa_synth[vqa_synth.index("--tasks") + 1] == "vqa,seg"

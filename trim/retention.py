@@ -7,8 +7,10 @@ it keep what the question needs? Every method trained and evaluated the same way
 
 1. write the synthetic world's shards (once; the world's knobs and seed are flags),
 2. pretrain the vision tower on the world's patches (`trim pretrain-vision`), train the tiny
-   dual-stream model in full from it, evaluate it, and evaluate it **blind** (every image
-   replaced by a constant): the gap between the two is how much the task needs the image,
+   dual-stream model in full from it (NLVR2: the VQA model first, then NLVR2 from it, as METER
+   fine-tunes NLVR2 from a vision-language model; from the tower alone the tiny NLVR2 model
+   stays at chance), evaluate it, and evaluate it **blind** (every image replaced by a
+   constant): the gap between the two is how much the task needs the image,
 3. for every method x target: start from the full model, train with the same recipe, budget
    curriculum, distillation and steps (`objective.method` is the only difference), evaluate,
 4. print one table (method, target, eval cost, accuracy, change vs full, relevance recall and
@@ -52,10 +54,11 @@ class SynthData:
     val_samples: int = 1_000
 
     def synth_argv(self, out: Path, task: str) -> list[str]:
-        # seg shards too: their masks and attributes pretrain the vision tower
+        # seg shards too: their masks and attributes pretrain the vision tower; NLVR2 starts from a VQA model
         w = self.scenes
+        tasks = "vqa,nlvr2,seg" if task == "nlvr2" else f"{task},seg"
         return ["data", "synth", "--out", str(out), "--train", str(self.train_samples), "--val",
-                str(self.val_samples), "--test", "0", "--tasks", f"{task},seg", "--image-size", str(self.image_size),
+                str(self.val_samples), "--test", "0", "--tasks", tasks, "--image-size", str(self.image_size),
                 "--seed", str(self.seed), "--min-objects", str(w.min_objects), "--max-objects",
                 str(w.max_objects), "--size-scale", str(w.size_scale)]  # fmt: skip
 
@@ -127,12 +130,17 @@ def run_plan(plan: Plan, world: SynthData, out: Path) -> dict[str, Any]:
         run_trim(world.synth_argv(data, task))
     seed = [f"train.seed={world.seed}", f"data.val_samples={world.val_samples}", *plan.extra]
     full_steps = [f"train.steps={plan.full_steps}"] if plan.full_steps else []
-    full_recipe = f"recipes/shapes_{task}_dual_tiny_full.yaml"
+    vqa_recipe = "recipes/shapes_vqa_dual_tiny_full.yaml"
     vision = out / "vision_pretrained"
     if not (vision / "model.safetensors").is_file():
-        run_trim(["pretrain-vision", full_recipe, "--data", str(data), "--out", str(vision), "--steps",
+        run_trim(["pretrain-vision", vqa_recipe, "--data", str(data), "--out", str(vision), "--steps",
                   str(plan.pretrain_steps), "--seed", str(world.seed), *plan.extra])  # fmt: skip
-    full = train(full_recipe, out, data, run_name(task, "full"), seed + full_steps + [f"model.init_from={vision}"])
+    if task == "vqa":
+        full = train(vqa_recipe, out, data, run_name(task, "full"), seed + full_steps + [f"model.init_from={vision}"])
+    else:  # NLVR2 fine-tunes the VQA model (its head is left behind)
+        vqa = train(vqa_recipe, out, data, run_name("vqa", "full"), seed + [f"model.init_from={vision}"])
+        full = train(f"recipes/shapes_{task}_dual_tiny_full.yaml", out, data, run_name(task, "full"),
+                     seed + full_steps + [f"model.init_from={vqa}"])  # fmt: skip
     paths: dict[str, Any] = {
         "full": evaluate(full, task, data, batch_size=plan.eval_batch_size),
         "blind": evaluate(full, task, data, batch_size=plan.eval_batch_size, extra=["--blind"], stem=f"{task}_blind"),
