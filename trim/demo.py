@@ -31,7 +31,7 @@ RUNS = (("smarttrim", 0.5), ("smarttrim", 0.33), ("random", 0.5), ("text_agnosti
 BUDGETS = (0.6, 0.5, 0.4, 0.33)  # served by the SmartTrim 0.5 model's calibration
 # The full model trains the recipe's steps (it must clearly beat its blind baseline, or the table says
 # nothing); the four pruned runs are shortened to keep the rest small: on a 2-core CPU the full model
-# alone takes about 19 minutes and the whole demo about 33.
+# alone takes about 17 minutes and the whole demo about 30.
 # `trim bench retention --trim-steps 300` trains the same runs (same names, data and seed), so its
 # folder and the demo's can share them.
 TRIM_STEPS = 300
