@@ -167,6 +167,10 @@ def test_packed_equals_masked_through_whole_models(family, task, bridged, core):
         assert float(padded.cost_ratio.mean()) > float(packed.cost_ratio.mean()) + 0.02
     else:
         assert (packed.cost_ratio >= masked.cost_ratio - 1e-6).all()
+    # whatever the batch ran, each sample's own cost (what the budget calibrates) is the masked one
+    for out in (packed, padded):
+        torch.testing.assert_close(out.sample_cost, masked.cost_ratio, atol=1e-6, rtol=1e-6)
+    assert float(padded.cost_ratio.mean()) > float(padded.sample_cost.mean()) + 0.02
 
 
 @pytest.mark.parametrize("family", ["dual", "vilt"])

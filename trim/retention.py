@@ -165,7 +165,8 @@ def table_rows(full: dict[str, Any], blind: dict[str, Any], trimmed: Sequence[di
         return {
             "method": method,
             "target": target,
-            "cost": result["cost_ratio"]["mean"],
+            "cost": (result.get("sample_cost") or result["cost_ratio"])["mean"],  # what each sample kept
+            "cost_ran": (speed.get("throughput") or {}).get("cost_ratio"),  # what the timed batch ran
             "accuracy": result["accuracy"],
             "change": None if method == "full" else result["accuracy"] - full["accuracy"],
             "recall": last.get("recall"),
@@ -185,11 +186,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         return "-" if value is None else format(value, spec)
 
     batch = next((r["batch"] for r in rows if r["batch"]), 32)
-    head = (f"{'method':<17} {'target':>6} {'eval cost':>9} {'accuracy':>8} {'vs full':>7} {'rel.recall':>10} "
-            f"{'lift':>5} {'speedup@1':>9} {f'speedup@{batch}':>10}")
+    head = (f"{'method':<17} {'target':>6} {'cost':>6} {f'ran@{batch}':>7} {'accuracy':>8} {'vs full':>7} "
+            f"{'rel.recall':>10} {'lift':>5} {'speedup@1':>9} {f'speedup@{batch}':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<17} {f(r['target'], 'g'):>6} {r['cost']:>9.3f} {r['accuracy']:>8.2f} "
+        lines.append(f"{r['method']:<17} {f(r['target'], 'g'):>6} {r['cost']:>6.3f} {f(r.get('cost_ran'), '.3f'):>7} "
+                     f"{r['accuracy']:>8.2f} "
                      f"{f(r['change'], '+.2f'):>7} {f(r['recall'], '.3f'):>10} {f(r['lift'], '.2f'):>5} "
                      f"{f(r['speedup_b1'], '.2f'):>9} {f(r['speedup_batch'], '.2f'):>10}")
     return "\n".join(lines)

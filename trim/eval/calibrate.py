@@ -1,7 +1,7 @@
 """`trim calibrate CHECKPOINT --data ROOT`: fit the budget a trained model keeps, and its budget knob.
 
     trim calibrate CHECKPOINT --data SHARDS [--split val] [--samples 512] [--target T] [--batch-size 32]
-                   [--device cpu|cuda] [--trim masked|eval]
+                   [--device cpu|cuda]
 
 Reads up to ``--samples`` inputs of the split (no labels are used, so the val split's inputs
 serve), fits one global logit shift per budget (`trim.prune.calibrate`) and writes the
@@ -54,8 +54,8 @@ def held_out_batches(ckpt: Path, model: Any, recipe: dict[str, Any], data: str |
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
                          batches: Iterable[dict] | None = None, target: float | None = None, split: str = "val",
-                         samples: int = CALIBRATION_SAMPLES, batch_size: int = 32, device: str | torch.device | None = None,
-                         trim_mode: str = "eval") -> Calibration:
+                         samples: int = CALIBRATION_SAMPLES, batch_size: int = 32,
+                         device: str | torch.device | None = None) -> Calibration:
     """Load ``checkpoint``, fit its calibration on held-out inputs and store it in its config.json.
 
     Inputs: ``batches`` (dicts with pixel_values / input_ids / attention_mask; what the trainer
@@ -82,7 +82,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike 
     else:
         batches = held_out_inputs(batches, MODEL_INPUTS, samples, batch_size)
         source = {"data": "batches passed by the caller"}
-    cal = calibrate(model, batches, target, trim_mode=trim_mode, source=source)
+    cal = calibrate(model, batches, target, source=source)
     write_calibration(ckpt, cal)
     return cal
 
@@ -106,9 +106,6 @@ def _parser() -> argparse.ArgumentParser:
                                                 "(default: the recipe's objective.target)")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--trim", default="eval", choices=("masked", "eval"),
-                   help="cost fitted: what inference runs (eval, default: the model's layout at --batch-size) or "
-                        "what each sample needs on its own (masked)")
     return p
 
 
@@ -120,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cal = calibrate_checkpoint(args.checkpoint, args.data, target=args.target, split=args.split,
-                                   samples=args.samples, batch_size=args.batch_size, device=args.device,
-                                   trim_mode=args.trim)
+                                   samples=args.samples, batch_size=args.batch_size, device=args.device)
     except TrimError as exn:
         print(f"trim calibrate: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1

@@ -77,7 +77,8 @@ class Collector:
         self.n_figures = n_figures
         self.ids: list[Any] = []
         self.predictions: list[Any] = []
-        self.cost: list[np.ndarray] = []
+        self.cost: list[np.ndarray] = []  # what each sample's batch ran (padding, head unions)
+        self.sample_cost: list[np.ndarray] = []  # what each sample kept on its own
         self.tokens: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []
         self.layout: list[tuple[str, int]] | None = None  # (record name, layer) of each kept column
@@ -104,6 +105,7 @@ class Collector:
         n = int(batch["pixel_values"].shape[0])
         layout = self._check_layout(out.records)
         self.cost.append(_numpy(out.cost_ratio).astype(np.float64))
+        self.sample_cost.append(_numpy(out.sample_cost).astype(np.float64))
         for column, field_name in ((self.tokens, "tokens"), (self.heads, "heads")):
             column.append(np.stack([_numpy(getattr(out.records[s][i], field_name)) for s, i in layout], 1)
                           if layout else np.zeros((n, 0)))
@@ -182,7 +184,7 @@ class Collector:
             return np.concatenate(xs, 0) if xs else np.zeros(shape)
 
         return {"ids": self.ids, "predictions": self.predictions, "extra": self.extra, "layout": self.layout,
-                "cost": cat(self.cost, (0,)), "tokens": cat(self.tokens, (0, width)),
+                "cost": cat(self.cost, (0,)), "sample_cost": cat(self.sample_cost, (0,)), "tokens": cat(self.tokens, (0, width)),
                 "heads": cat(self.heads, (0, width)), "stats": reading,
                 "relevance": cat(self.relevance, (0, len(self.relevance_layers), len(COUNT_FIELDS)))
                 if self.has_relevance else None, "relevance_layers": self.relevance_layers}
@@ -212,6 +214,7 @@ def merge(parts: list[dict[str, Any]], task: str) -> dict[str, Any]:
         "ids": order,
         "predictions": column(lambda p, i: p["predictions"][i]),
         "cost": np.array(column(lambda p, i: p["cost"][i]), dtype=np.float64),
+        "sample_cost": np.array(column(lambda p, i: p["sample_cost"][i]), dtype=np.float64),
         "tokens": per_layer("tokens"),
         "heads": per_layer("heads"),
         "layout": layout,

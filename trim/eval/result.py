@@ -75,7 +75,8 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         # Which official VQA tool the numbers reproduce (docs/metrics.md); also in metrics.metric.
         "vqa_metric": vqa_metric if split.task == "vqa" else None,
         "metrics": scores.metrics,
-        "cost_ratio": cost_summary(merged["cost"]),
+        "cost_ratio": cost_summary(merged["cost"]),  # as run: padding to a batch's longest, head unions
+        "sample_cost": cost_summary(merged["sample_cost"]),  # what each sample kept: the budget calibrated
         "kept": kept_summary(cfg.trim, merged),
         "kept_note": KEPT_NOTE,
         # Only when the data carry relevance masks (the synthetic world) and some image layer trims tokens.
@@ -105,8 +106,9 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type}; metric {m.get('metric', 'lavis')})")
     else:
         lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
-    c = result["cost_ratio"]
-    lines.append(f"cost ratio mean {c['mean']:.3f} (median {c['median']:.3f}, min {c['min']:.3f}, max {c['max']:.3f})")
+    c, own = result["cost_ratio"], result.get("sample_cost") or result["cost_ratio"]
+    lines.append(f"cost ratio per sample mean {own['mean']:.3f} (median {own['median']:.3f}, min {own['min']:.3f}, "
+                 f"max {own['max']:.3f}); as run in batches of {result['batch_size']} {c['mean']:.3f}")
     if result.get("relevance"):
         lines.append(relevance_line(result["relevance"]))
     skipped = (result.get("calibration") or {}).get("skipped")

@@ -96,11 +96,13 @@ class TrimModel(nn.Module):
                                       track_alive=track_alive, image_index=k, layout=layout,
                                       prefix=prefix if trim == "train" else None,
                                       resume=None if resume is None else resume[k]))
-            costs.append(meter.ratio())
+            ratio = meter.ratio()
+            costs.append((ratio, meter.sample_ratio() if trim == "eval" else ratio))
             prefixes.append(prefix)
             records.update({per_image(name, k): r for name, r in recs.items()} if len(images) > 1 else recs)
-        hidden, cost = (pooled[0], costs[0]) if len(images) == 1 else (torch.cat(pooled, -1), torch.stack(costs).mean(0))
-        return ModelOutput(self.head(hidden), cost, hidden, records, prefixes if all(prefixes) else None)
+        hidden = pooled[0] if len(images) == 1 else torch.cat(pooled, -1)
+        ran, own = costs[0] if len(costs) == 1 else (torch.stack(c).mean(0) for c in zip(*costs))  # NLVR2: the mean
+        return ModelOutput(self.head(hidden), ran, hidden, records, prefixes if all(prefixes) else None, own)
 
     def trimmer_parameters(self):
         """Parameters of every trimmer (the trainer gives them their own learning rate)."""

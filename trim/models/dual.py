@@ -181,12 +181,18 @@ class DualStreamModel(TrimModel):
                        core_pairs(text_layer.cross_attn, t.packing, v.packing, tc.keep))
             pairs_v = (core_pairs(image_layer.self_attn, v.packing, head_keep=ih.keep),
                        core_pairs(image_layer.cross_attn, v.packing, t.packing, ic.keep))
+            over_t, over_v = ts.overhead + th.overhead + tc.overhead, vs.overhead + ih.overhead + ic.overhead
+            own_t = own_v = None  # what each sample kept, where the batch ran more (padding, head unions)
+            if mode == "eval":
+                kept_t, kept_v = t.kept_counts(), v.kept_counts()
+                own_t = block_flops(text_layer, kept_t, th.kept, context_n=kept_v, cross_heads=tc.kept) + over_t
+                own_v = block_flops(image_layer, kept_v, ih.kept, context_n=kept_t, cross_heads=ic.kept) + over_v
             meter.add(block_flops(text_layer, n_t, th.cost_heads, context_n=n_v, cross_heads=tc.cost_heads,
-                                  pairs=pairs_t[0], cross_pairs=pairs_t[1]) + ts.overhead + th.overhead + tc.overhead,
-                      block_flops(text_layer, full_t, context_n=full_v), b, t.x.device)
+                                  pairs=pairs_t[0], cross_pairs=pairs_t[1]) + over_t,
+                      block_flops(text_layer, full_t, context_n=full_v), b, t.x.device, own=own_t)
             meter.add(block_flops(image_layer, n_v, ih.cost_heads, context_n=n_t, cross_heads=ic.cost_heads,
-                                  pairs=pairs_v[0], cross_pairs=pairs_v[1]) + vs.overhead + ih.overhead + ic.overhead,
-                      block_flops(image_layer, full_v, context_n=full_t), b, t.x.device)
+                                  pairs=pairs_v[0], cross_pairs=pairs_v[1]) + over_v,
+                      block_flops(image_layer, full_v, context_n=full_t), b, t.x.device, own=own_v)
             rec_t.append(LayerRecord(t.kept_counts().detach(), (th.kept + tc.kept).detach() / 2))
             rec_v.append(LayerRecord(v.kept_counts().detach(), (ih.kept + ic.kept).detach() / 2,
                                      v.alive_positions() if track_alive else None))

@@ -19,3 +19,10 @@ class ModelOutput:
     # first trimmer, which every trimming mode computes alike; a trim="off" pass on the same batch
     # (the distillation teacher) resumes from them: ``model(batch, trim="off", resume=out.prefix)``.
     prefix: list[dict[str, Tensor]] | None = None
+    # (B,) what each sample kept on its own (its tokens and heads, FLOPs vs the untrimmed model); it
+    # equals ``cost_ratio`` except where a batch ran more: padding to its longest, its heads' union.
+    sample_cost: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_cost is None:
+            self.sample_cost = self.cost_ratio

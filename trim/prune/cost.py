@@ -161,17 +161,33 @@ class CostMeter:
 
     ``ratio()`` is the model-level cost ratio (1.0 = nothing saved). In training the
     trimmed side is an expectation under the keep probabilities, so it carries gradients.
+    ``sample_ratio()`` is what each sample needs on its own (its kept tokens and heads): the same
+    as ``ratio()`` except where a batch runs more than its samples kept (padding to the batch's
+    longest, the union of its heads, every head of a small packed layer).
     """
 
     trimmed: list[Tensor] = field(default_factory=list)
     full: list[Tensor] = field(default_factory=list)
+    own: list[Tensor] = field(default_factory=list)
 
-    def add(self, trimmed: Count, full: Count, batch: int, device: torch.device | None = None) -> None:
-        self.trimmed.append(torch.as_tensor(trimmed, dtype=torch.float32, device=device).expand(batch).float())
-        self.full.append(torch.as_tensor(full, dtype=torch.float32, device=device).expand(batch).float())
+    def add(self, trimmed: Count, full: Count, batch: int, device: torch.device | None = None, *,
+            own: Count | None = None) -> None:
+        """``own``: each sample's own FLOPs when the batch ran more (``trimmed``) than it kept."""
+        def column(value: Count) -> Tensor:
+            return torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch).float()
+
+        self.trimmed.append(column(trimmed))
+        self.full.append(column(full))
+        self.own.append(self.trimmed[-1] if own is None else column(own))
 
     def ratio(self) -> Tensor:
         """(B,) trimmed / full FLOPs per sample."""
         if not self.full:
             raise RuntimeError("CostMeter is empty: run a forward pass through a trimmed stack first")
         return torch.stack(self.trimmed).sum(0) / torch.stack(self.full).sum(0)
+
+    def sample_ratio(self) -> Tensor:
+        """(B,) each sample's own FLOPs (what it kept) / full FLOPs."""
+        if not self.full:
+            raise RuntimeError("CostMeter is empty: run a forward pass through a trimmed stack first")
+        return torch.stack(self.own).sum(0) / torch.stack(self.full).sum(0)

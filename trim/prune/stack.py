@@ -221,8 +221,10 @@ class TrimmedStack(nn.Module):
                 prefix.append(tokens.x.detach())
             if meter is not None:
                 pairs = core_pairs(_attention(block), tokens.packing, head_keep=head.keep)
-                meter.add(block_flops(block, n_cost, head.cost_heads, pairs=pairs) + tok.overhead + head.overhead,
-                          block_flops(block, full_tokens), b, tokens.x.device)
+                overhead = tok.overhead + head.overhead
+                own = block_flops(block, kept, head.kept) + overhead if mode == "eval" else None
+                meter.add(block_flops(block, n_cost, head.cost_heads, pairs=pairs) + overhead,
+                          block_flops(block, full_tokens), b, tokens.x.device, own=own)
             if records is not None:
                 alive = tokens.alive_positions() if track_alive else None
                 records.append(LayerRecord(kept.detach(), head.kept.detach(), alive))

@@ -474,7 +474,7 @@ class Trainer:
             model = load_model(step_dir).to(self.acc.device).eval()
             inputs = held_out_inputs(self.val_factory(), MODEL_INPUTS, r.objective.calibration_samples)
             inputs = [{k: v.to(self.acc.device) for k, v in batch.items()} for batch in inputs]
-            cal = calibrate(model, inputs, r.objective.target, trim_mode="eval", source={"split": r.data.val_split})
+            cal = calibrate(model, inputs, r.objective.target, source={"split": r.data.val_split})
             write_calibration(step_dir, cal)
             log.info("calibrated %s for target %.3f: logit shift %+.3f, mean cost %.4f on %d %s samples",
                      step_dir.name, cal.target, cal.shift, cal.mean_cost, cal.samples, r.data.val_split)
