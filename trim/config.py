@@ -231,7 +231,7 @@ class ObjectiveConfig:
     binarize: float = 0.0
     gumbel: GumbelConfig = field(default_factory=GumbelConfig)
     # held-out (val) inputs on which the final checkpoint's budget calibration is fitted (0: none),
-    # so the mean eval cost lands on the target (trim.prune.calibrate)
+    # so the mean per-sample eval cost lands on the target (trim.prune.calibrate)
     calibration_samples: int = 512
     # how periodic evaluation runs the trimmed model: masked = inference's decisions and outputs,
     # cost per sample as if run alone; eval = gathered layout, cost includes each batch's padding

@@ -36,7 +36,7 @@ def _calibration(calibration: Any, budget: float | None, keep_ratio: float | Non
         return None if keep_ratio is None else {"skipped": CALIBRATION_SKIPPED, "keep_ratio": keep_ratio}
     lo, hi = calibration.budget_range
     return {"target": calibration.target, "budget": calibration.target if budget is None else budget,
-            "shift": round(calibration.shift_for(budget), 6), "range": [lo, hi], "fitted_on": calibration.trim,
+            "shift": round(calibration.shift_for(budget), 6), "range": [lo, hi],
             "fitted_cost": calibration.mean_cost}
 
 

@@ -76,7 +76,6 @@ class Calibration:
     target: float  # the budget served when none is asked for (the training target)
     shift: float  # the shift that meets ``target``
     table: list[list[float]]  # [[budget, shift], ...], budgets ascending
-    trim: str = "eval"  # the forward whose per-sample cost (``sample_cost``) was fitted
     samples: int = 0  # inputs the fit saw
     mean_cost: float | None = None  # mean cost at ``shift`` on those inputs
     source: dict[str, Any] = field(default_factory=dict)  # where the inputs came from (data, split)
@@ -105,7 +104,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": CALIBRATION_FORMAT, "target": self.target, "shift": self.shift,
-                "table": [[round(b, 6), round(s, 6)] for b, s in self.table], "trim": self.trim,
+                "table": [[round(b, 6), round(s, 6)] for b, s in self.table],
                 "samples": self.samples, "mean_cost": self.mean_cost, "source": self.source}
 
     @classmethod
@@ -118,7 +117,7 @@ class Calibration:
         try:
             table = [[float(b), float(s)] for b, s in data["table"]]
             cal = cls(target=float(data["target"]), shift=float(data["shift"]), table=table,
-                      trim=str(data.get("trim", "eval")), samples=int(data.get("samples", 0)),
+                      samples=int(data.get("samples", 0)),
                       mean_cost=None if data.get("mean_cost") is None else float(data["mean_cost"]),
                       source=dict(data.get("source") or {}))
         except (KeyError, TypeError, ValueError) as err:
