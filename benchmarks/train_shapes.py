@@ -96,40 +96,54 @@ def fresh_step_times(data: Path, *, rounds: int = 30, batch_size: int = 32) -> t
 
 def time_steps(model, recipe, data: Path, *, rounds: int, batch_size: int) -> tuple[float, float]:
     """Alternate one plain fine-tuning step and one SmartTrim step on the same batches; median of each."""
+    from trim.data import build_loader, load_tokenizer, split_urls
+
+    loader = build_loader(split_urls(data, "vqa", "train"), "vqa", tokenizer=load_tokenizer(data), batch_size=batch_size,
+                          mode="train", image_size=recipe.data.image_size)
+    times = time_step_pairs(model, recipe, [b for b, _ in zip(loader, range(8))], rounds=rounds)
+    return times["plain"], times["smarttrim"]
+
+
+def time_step_pairs(model, recipe, batches: list, *, rounds: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds of a plain fine-tuning step (trim off) and a SmartTrim step (student, teacher
+    pass and every loss term of ``recipe.objective``), each with backward and an AdamW step,
+    called alternately on the same batches so that machine load hits both alike.
+
+    Keys ``plain`` and ``smarttrim``: the whole step; ``*_compute``: forward and backward only
+    (on a CPU at small batches the optimizer's pass over the weights is a large, equal share)."""
     import statistics
 
     import torch
 
     from trim.config import load_recipe
-    from trim.data import build_loader, load_tokenizer, split_urls
     from trim.train.objectives import build_objective
 
-    smarttrim = build_objective(recipe.objective, "vqa")
-    plain = build_objective(load_recipe(recipe.to_dict(), ["objective.method=none"]).objective, "vqa")
+    task = recipe.data.task
+    smarttrim = build_objective(recipe.objective, task)
+    plain = build_objective(load_recipe(recipe.to_dict(), ["objective.method=none"]).objective, task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    loader = build_loader(split_urls(data, "vqa", "train"), "vqa", tokenizer=load_tokenizer(data), batch_size=batch_size,
-                          mode="train", image_size=recipe.data.image_size)
-    batches = [b for b, _ in zip(loader, range(8))]
 
     def teacher(batch, prefix):
         with torch.no_grad():
             return model(batch, trim="off", resume=prefix)
 
-    def step(objective, batch, i) -> float:
+    def step(objective, batch) -> tuple[float, float]:
         t0 = time.perf_counter()
-        objective(model, batch, i, teacher=teacher).loss.backward()
+        objective(model, batch, 10_000, teacher=teacher).loss.backward()  # past the curriculum: the final target
+        t1 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return t1 - t0, time.perf_counter() - t0
 
-    times = {"plain": [], "smarttrim": []}
-    for i in range(rounds + 5):
+    times: dict[str, list[float]] = {}
+    for i in range(rounds + warmup):
         batch = batches[i % len(batches)]
-        pair = {"plain": step(plain, batch, 10_000), "smarttrim": step(smarttrim, batch, 10_000)}
-        if i >= 5:  # warm-up: first calls per input shape are slow on CPU
-            for k, v in pair.items():
-                times[k].append(v)
-    return statistics.median(times["plain"]), statistics.median(times["smarttrim"])
+        for name, objective in (("plain", plain), ("smarttrim", smarttrim)):
+            compute, total = step(objective, batch)
+            if i >= warmup:  # the first calls per input shape are slow on CPU
+                times.setdefault(name, []).append(total)
+                times.setdefault(f"{name}_compute", []).append(compute)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def write_data(data: Path, out: Path, train: int, val: int) -> None:
