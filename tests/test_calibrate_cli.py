@@ -95,6 +95,8 @@ def test_eval_serves_several_budgets_and_the_report_draws_their_curve(calibrated
         assert result["speed"]["budget"] == float(b) and result["samples"] == 24
     assert results["0.6"]["calibration"]["shift"] < results["0.85"]["calibration"]["shift"]
     assert results["0.6"]["cost_ratio"]["mean"] < results["0.85"]["cost_ratio"]["mean"]
+    for b, result in results.items():  # the served budget is what each sample keeps (24 samples: within 0.1)
+        assert result["sample_cost"]["mean"] == pytest.approx(float(b), abs=0.1)
     # Without --budget: the calibrated target, in the usual file.
     assert trim_main(["eval", str(calibrated), "--task", "vqa", "--data", str(data), "--out", str(out),
                       "--batch-size", "6", "--figures", "0", "--quiet", *SPEED]) == 0

@@ -90,7 +90,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike 
 def describe(cal: Calibration) -> str:
     lo, hi = cal.budget_range
     lines = [f"calibrated for target {cal.target:g}: logit shift {cal.shift:+.4f}, mean cost {cal.mean_cost:.4f} "
-             f"on {cal.samples} samples (trim={cal.trim})", f"budgets served: {lo:g}..{hi:g}",
+             f"per sample on {cal.samples} samples", f"budgets served: {lo:g}..{hi:g}",
              "budget  shift"]
     lines += [f"{b:6.3f}  {s:+.4f}" for b, s in cal.table]
     return "\n".join(lines)
