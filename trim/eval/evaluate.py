@@ -329,7 +329,7 @@ def _write(run: _Run, merged: dict[str, Any], complete: bool, scores: Scores, sp
     stem = output_stem(task, split, run.opts.budget, blind=run.opts.blind)
     export = write_predictions(task, dict(zip(merged["ids"], merged["predictions"])), run.out_dir, stem)
     figures = write_eval_figures(run.out_dir, stem, f"{run_name(run.recipe, run.ckpt)} {task}/{split}",
-                                 merged["cost"], scores.difficulty, scores.difficulty_label, collector.figures,
+                                 merged["sample_cost"], scores.difficulty, scores.difficulty_label, collector.figures,
                                  per_image_names=task == "nlvr2")
     result = build_result(ckpt=run.ckpt, recipe=run.recipe, model_config=run.model.config, split=run.split,
                           merged=merged, complete=complete, processes=run.group.world,

@@ -246,8 +246,9 @@ def write_eval_figures(
 ) -> list[str]:
     """The figures of one `trim eval` run; returns the file names written into ``out_dir``.
 
-    ``<stem>_cost_histogram.png`` (with the cost-vs-difficulty panel when ``difficulty`` is
-    given) and one ``<stem>_kept_tokens_<id>[_image<k>].png`` per image of each overlay
+    ``<stem>_cost_histogram.png`` of each sample's own cost (``costs``: what it kept, the budget
+    calibrated; a padded batch runs more), with the cost-vs-difficulty panel when ``difficulty`` is
+    given, and one ``<stem>_kept_tokens_<id>[_image<k>].png`` per image of each overlay
     (``id``, ``text``, ``prediction``, ``image`` (images, H, W, 3), ``masks`` image index ->
     layer -> (g, g) bool, as `trim.eval.collect.KeptFigure`). ``per_image_names`` adds the
     ``_image<k>`` suffix (NLVR2's image pairs).
@@ -256,7 +257,7 @@ def write_eval_figures(
     if len(costs):
         path = plot_cost_histogram(costs, out_dir / f"{stem}_cost_histogram.png", title=f"{title}: per-sample cost",
                                    difficulty=difficulty, difficulty_label=difficulty_label or "difficulty",
-                                   cost_label="cost ratio (FLOPs trimmed / full, padding counted)")
+                                   cost_label="cost ratio (FLOPs the sample kept / full)")
         written.append(path.name)
     for fig in overlays:
         for image_index, masks in sorted(fig.masks.items()):
