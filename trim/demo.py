@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
     budget_results = [evaluate(knob, "vqa", out / "data", batch_size=32, stem=f"vqa_budget{b:g}",
                                extra=["--budget", str(b)]) for b in BUDGETS]  # fmt: skip
     from trim.cli import main as trim_main
+    from trim.eval.result import own_cost
     from trim.retention import run_trim
 
     run_trim(["eval", "report", str(paths["full"]), *map(str, paths["trimmed"]), *map(str, budget_results),
@@ -62,8 +63,7 @@ def main(argv: list[str]) -> int:
     print(f"{'budget':>6} {'cost':>6} {'ran@32':>6} {'accuracy':>8} {'speedup@32':>10} {'speedup@1':>9}")
     for b, path in zip(BUDGETS, budget_results):
         r = json.loads(Path(path).read_text())
-        own = (r.get("sample_cost") or r["cost_ratio"])["mean"]
-        print(f"{b:>6g} {own:>6.3f} {r['speed']['throughput']['cost_ratio']:>6.3f} {r['accuracy']:>8.2f} {r['speedup']:>10.2f} "
+        print(f"{b:>6g} {own_cost(r)['mean']:>6.3f} {r['speed']['throughput']['cost_ratio']:>6.3f} {r['accuracy']:>8.2f} {r['speedup']:>10.2f} "
               f"{r['speed']['latency']['speedup']:>9.2f}")
     (out / "retention.txt").write_text(table + "\n")
     print(f"\ndemo done in {time.time() - start:.0f}s; figures and reports in {out}/ "

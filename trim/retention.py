@@ -158,6 +158,7 @@ def run_plan(plan: Plan, world: SynthData, out: Path) -> dict[str, Any]:
 
 def table_rows(full: dict[str, Any], blind: dict[str, Any], trimmed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per evaluation, full and blind first; accuracy change measured against the full model."""
+    from trim.eval.result import own_cost
 
     def row(result: dict[str, Any], method: str, target: float | None) -> dict[str, Any]:
         speed = result.get("speed") or {}
@@ -165,7 +166,7 @@ def table_rows(full: dict[str, Any], blind: dict[str, Any], trimmed: Sequence[di
         return {
             "method": method,
             "target": target,
-            "cost": (result.get("sample_cost") or result["cost_ratio"])["mean"],  # what each sample kept
+            "cost": own_cost(result)["mean"],  # what each sample kept
             "cost_ran": (speed.get("throughput") or {}).get("cost_ratio"),  # what the timed batch ran
             "accuracy": result["accuracy"],
             "change": None if method == "full" else result["accuracy"] - full["accuracy"],

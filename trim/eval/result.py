@@ -40,6 +40,12 @@ def _calibration(calibration: Any, budget: float | None, keep_ratio: float | Non
             "fitted_cost": calibration.mean_cost}
 
 
+def own_cost(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary of what each sample kept (``sample_cost``); results written before it existed
+    have ``cost_ratio`` only."""
+    return result.get("sample_cost") or result["cost_ratio"]
+
+
 def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split: EvalSplit, merged: dict[str, Any],
                  complete: bool, processes: int, batch_size: int, scores: Scores, speed: dict[str, Any] | None,
                  predictions_file: str, figures: list[str], seconds: float, budget: float | None = None,
@@ -106,7 +112,7 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type}; metric {m.get('metric', 'lavis')})")
     else:
         lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
-    c, own = result["cost_ratio"], result.get("sample_cost") or result["cost_ratio"]
+    c, own = result["cost_ratio"], own_cost(result)
     lines.append(f"cost ratio per sample mean {own['mean']:.3f} (median {own['median']:.3f}, min {own['min']:.3f}, "
                  f"max {own['max']:.3f}); as run in batches of {result['batch_size']} {c['mean']:.3f}")
     if result.get("relevance"):
