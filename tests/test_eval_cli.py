@@ -77,6 +77,7 @@ def test_vqa_json_has_every_field(vqa_single, data):
     m = result["metrics"]
     assert {"overall", "perAnswerType", "perQuestionType", "n"} <= set(m) and m["n"] == N_VAL
     assert 0.0 <= m["overall"] <= 100.0 and result["accuracy"] == m["overall"]
+    assert 0.0 <= result["accuracy_ci95"] <= 100.0  # how far apart two models must be on this split
     cost = result["cost_ratio"]
     assert {"mean", "median", "std", "min", "max", "histogram", "note"} <= set(cost)
     assert sum(cost["histogram"]["counts"]) == N_VAL
@@ -141,6 +142,8 @@ def test_nlvr2(data, tmp_path):
     m = result["metrics"]
     assert m["n"] == N_VAL and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["consistency"] <= m["accuracy"] + 1e-9
     assert result["accuracy"] == pytest.approx(100 * m["accuracy"])
+    p = m["accuracy"]
+    assert result["accuracy_ci95"] == pytest.approx(196 * (p * (1 - p) / (N_VAL - 1)) ** 0.5, abs=1e-3)
     assert any(stream.endswith("/image1") for stream in result["kept"])
     (layer,) = result["relevance"]["layers"]  # both images of a pair in one row per trimmed layer
     assert (layer["stream"], layer["layer"]) == ("vision", 1) and layer["relevant_patches"] > 0

@@ -4,7 +4,7 @@ from trim.retention import format_table, run_name, table_rows
 
 
 def result(accuracy, cost, method=None, target=None, lift=None, speed=(None, None), ran=None):
-    return {"accuracy": accuracy, "cost_ratio": {"mean": ran or cost}, "sample_cost": {"mean": cost},
+    return {"accuracy": accuracy, "accuracy_ci95": 1.25, "cost_ratio": {"mean": ran or cost}, "sample_cost": {"mean": cost},
             "run": {"method": method, "target": target} if method else {},
             "relevance": {"last": {"recall": 0.8, "lift": lift}} if lift else None,
             "speed": {"latency": {"speedup": speed[0]}, "throughput": {"speedup": speed[1], "batch_size": 32, "cost_ratio": ran}}}
@@ -23,7 +23,7 @@ def test_table_measures_every_method_against_the_full_model():
     assert "speedup@32" in lines[0] and "ran@32" in lines[0]
     smarttrim = next(line for line in lines if line.startswith("smarttrim"))
     # cost is what each sample kept; ran@32 what the timed batch of 32 ran (padding, head unions)
-    assert smarttrim.split() == ["smarttrim", "0.5", "0.490", "0.620", "89.50", "-0.50", "0.800", "2.10", "1.30", "1.70"]
+    assert smarttrim.split() == ["smarttrim", "0.5", "0.490", "0.620", "89.50", "1.25", "-0.50", "0.800", "2.10", "1.30", "1.70"]
     assert next(line for line in lines if line.startswith("blind")).split()[-4:] == ["-", "-", "-", "-"]
 
 
@@ -49,5 +49,8 @@ def test_nlvr2_starts_from_the_vqa_model_of_the_same_world(tmp_path, monkeypatch
     assert nlvr2[1] == "recipes/shapes_nlvr2_dual_tiny_full.yaml" and "train.steps=7" in nlvr2
     assert f"model.init_from={tmp_path / 'shapes_vqa_dual_tiny_full'}" in nlvr2
     assert f"model.init_from={tmp_path / 'shapes_nlvr2_dual_tiny_full'}" in trimmed
+    # the split is evaluated whole (5,000: +-1 point); training validates and calibrates on its first 1,000
+    assert synth[synth.index("--val") + 1] == "5000"
+    assert all("data.val_samples=1000" in run for run in (vqa, nlvr2, trimmed))
     vqa_synth = retention.SynthData().synth_argv(tmp_path, "vqa")
     assert vqa_synth[vqa_synth.index("--tasks") + 1] == "vqa,seg"

@@ -78,6 +78,7 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
         "images_note": BLIND_NOTE if blind else None,
         "accuracy": None if scores.accuracy is None else round(float(scores.accuracy), 4),
         "accuracy_name": "VQA accuracy (%)" if split.task == "vqa" else "NLVR2 accuracy (%)",
+        "accuracy_ci95": None if scores.ci95 is None else round(scores.ci95, 4),  # +- points, over the samples
         # Which official VQA tool the numbers reproduce (docs/metrics.md); also in metrics.metric.
         "vqa_metric": vqa_metric if split.task == "vqa" else None,
         "metrics": scores.metrics,
@@ -96,6 +97,11 @@ def build_result(*, ckpt: Path, recipe: dict[str, Any], model_config: Any, split
     }
 
 
+def _ci(result: dict[str, Any]) -> str:
+    ci = result.get("accuracy_ci95")
+    return "" if ci is None else f" (+-{ci:.2f} points, 95% interval over {result['samples']} samples)"
+
+
 def summary(result: dict[str, Any]) -> str:
     """The lines `trim eval` prints."""
     budget = f" at budget {result['budget']:g}" if result.get("budget") is not None else ""
@@ -109,9 +115,9 @@ def summary(result: dict[str, Any]) -> str:
         lines.append("metrics: none (the split has no answers/labels); submit the predictions file")
     elif result["task"] == "vqa":
         per_type = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m["perAnswerType"].items()))
-        lines.append(f"VQA accuracy {m['overall']:.2f}  ({per_type}; metric {m.get('metric', 'lavis')})")
+        lines.append(f"VQA accuracy {m['overall']:.2f}{_ci(result)}  ({per_type}; metric {m.get('metric', 'lavis')})")
     else:
-        lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}, consistency {m['consistency']:.4f}")
+        lines.append(f"NLVR2 accuracy {m['accuracy']:.4f}{_ci(result)}, consistency {m['consistency']:.4f}")
     c, own = result["cost_ratio"], own_cost(result)
     lines.append(f"cost ratio per sample mean {own['mean']:.3f} (median {own['median']:.3f}, min {own['min']:.3f}, "
                  f"max {own['max']:.3f}); as run in batches of {result['batch_size']} {c['mean']:.3f}")
