@@ -54,3 +54,12 @@ def test_nlvr2_starts_from_the_vqa_model_of_the_same_world(tmp_path, monkeypatch
     assert all("data.val_samples=1000" in run for run in (vqa, nlvr2, trimmed))
     vqa_synth = retention.SynthData().synth_argv(tmp_path, "vqa")
     assert vqa_synth[vqa_synth.index("--tasks") + 1] == "vqa,seg"
+
+
+def test_nlvr2_trains_on_more_scenes_unless_told_otherwise():
+    """On 20,000 pairs the tiny NLVR2 model fitted them and stopped at 80% val accuracy."""
+    from trim.retention import _parser, world_of
+
+    assert world_of(_parser().parse_args([])).train_samples == 20_000
+    assert world_of(_parser().parse_args(["--task", "nlvr2"])).train_samples == 60_000
+    assert world_of(_parser().parse_args(["--task", "nlvr2", "--train-samples", "500"])).train_samples == 500
