@@ -63,3 +63,24 @@ def test_nlvr2_trains_on_more_scenes_unless_told_otherwise():
     assert world_of(_parser().parse_args([])).train_samples == 20_000
     assert world_of(_parser().parse_args(["--task", "nlvr2"])).train_samples == 60_000
     assert world_of(_parser().parse_args(["--task", "nlvr2", "--train-samples", "500"])).train_samples == 500
+
+
+def test_rescore_evaluates_every_finished_run_on_the_other_split(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "retention_rescore.py"
+    spec = importlib.util.spec_from_file_location("retention_rescore", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    commands = []
+    monkeypatch.setattr(module, "run_trim", lambda argv: commands.append(argv))
+    for name in (run_name("vqa", "full"), run_name("vqa", "evit", 0.5)):  # a finished run has a 'latest' file
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "latest").write_text("step_1\n")
+    (tmp_path / "runs" / run_name("vqa", "random", 0.5)).mkdir()  # still training: left out
+    paths = module.rescore(tmp_path / "runs", tmp_path / "val5k", tmp_path / "out", "vqa")
+    assert [Path(p).parent.parent.name for p in paths["trimmed"]] == [run_name("vqa", "evit", 0.5)]
+    assert paths["blind"].name == "vqa_blind.json" and len(commands) == 3
+    assert all("--no-speed" in c and c[c.index("--data") + 1] == str(tmp_path / "val5k") for c in commands)
+    assert "--blind" in commands[1]
