@@ -13,21 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trim.retention import METHODS, TARGETS, print_table, run_name, run_trim
+from trim.retention import METHODS, TARGETS, evaluate, print_table, run_name
+
+NO_TIMING = ("--no-speed", "--figures", "0")
 
 
 def rescore(runs: Path, data: Path, out: Path, task: str) -> dict:
-    def evaluate(run: Path, stem: str, *extra: str) -> Path:
-        result = out / run.name / "eval" / f"{stem}.json"
-        if not result.is_file():
-            run_trim(["eval", str(run), "--task", task, "--data", str(data), "--out", str(out / run.name),
-                      "--no-speed", "--figures", "0", "--quiet", "--batch-size", "64", *extra])  # fmt: skip
-        return result
-
     full = runs / run_name(task, "full")
     trimmed = [runs / run_name(task, m, t) for t in TARGETS for m in METHODS]
-    return {"full": evaluate(full, task), "blind": evaluate(full, f"{task}_blind", "--blind"),
-            "trimmed": [evaluate(run, task) for run in trimmed if (run / "latest").is_file()]}
+
+    def score(run: Path, *extra: str, stem: str = task) -> Path:
+        return evaluate(run, task, data, batch_size=64, extra=(*NO_TIMING, *extra), stem=stem, out=out / run.name)
+
+    return {"full": score(full), "blind": score(full, "--blind", stem=f"{task}_blind"),
+            "trimmed": [score(run) for run in trimmed if (run / "latest").is_file()]}
 
 
 def main() -> None:

@@ -74,7 +74,9 @@ def test_rescore_evaluates_every_finished_run_on_the_other_split(tmp_path, monke
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     commands = []
-    monkeypatch.setattr(module, "run_trim", lambda argv: commands.append(argv))
+    import trim.retention as retention
+
+    monkeypatch.setattr(retention, "run_trim", lambda argv, trim_main=None: commands.append(argv))
     for name in (run_name("vqa", "full"), run_name("vqa", "evit", 0.5)):  # a finished run has a 'latest' file
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "latest").write_text("step_1\n")

@@ -116,11 +116,13 @@ def _is_fresh(result: Path, run: Path) -> bool:
 
 
 def evaluate(run: Path, task: str, data: Path, *, batch_size: int, extra: Sequence[str] = (),
-             stem: str | None = None) -> Path:  # fmt: skip
-    """`trim eval` of a run's latest checkpoint into RUN/eval/, unless a fresh result is there."""
-    result = run / "eval" / f"{stem or task}.json"
+             stem: str | None = None, out: Path | None = None) -> Path:  # fmt: skip
+    """`trim eval` of a run's latest checkpoint into OUT/eval/ (default: RUN/eval/), unless a fresh
+    result is there."""
+    out = out or run
+    result = out / "eval" / f"{stem or task}.json"
     if not _is_fresh(result, run):
-        run_trim(["eval", str(run), "--task", task, "--data", str(data), "--out", str(run), "--batch-size",
+        run_trim(["eval", str(run), "--task", task, "--data", str(data), "--out", str(out), "--batch-size",
                   str(batch_size), "--quiet", *extra])  # fmt: skip
     return result
 

@@ -58,14 +58,18 @@ def _nlvr2(merged: dict[str, Any]) -> Scores:
         return Scores()
     result = nlvr2_metrics(dict(zip(ids, merged["predictions"])), labels)
     difficulty = np.array(merged["loss"], dtype=np.float64) if len(labels) == len(ids) else None
-    correct = np.zeros(result["n"])
-    correct[: round(result["accuracy"] * result["n"])] = 100.0  # 0/1 scores: only their count matters
-    return Scores(result, 100.0 * result["accuracy"], difficulty, "cross-entropy of the label (trimmed model)",
-                  ci95=ci95(correct))
+    p, n = result["accuracy"], result["n"]  # right/wrong scores: their spread follows from p
+    spread = 100.0 * np.sqrt(p * (1 - p) * n / (n - 1)) if n > 1 else None
+    return Scores(result, 100.0 * p, difficulty, "cross-entropy of the label (trimmed model)",
+                  ci95=None if spread is None else _half_width(spread, n))
 
 
 def ci95(per_sample: np.ndarray) -> float | None:
     """Half-width of the 95% interval of the mean of per-sample scores (percent), normal approximation."""
     if len(per_sample) < 2:
         return None
-    return float(1.96 * per_sample.std(ddof=1) / np.sqrt(len(per_sample)))
+    return _half_width(float(per_sample.std(ddof=1)), len(per_sample))
+
+
+def _half_width(std: float, n: int) -> float:
+    return float(1.96 * std / np.sqrt(n))
