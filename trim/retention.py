@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trim.data.synthetic import World
+from trim.side_by_side import Job, default_jobs, threads_per_job, train_side_by_side
 
 METHODS = ("smarttrim", "random", "evit", "text_agnostic", "static_heads", "fixed_ratio")
 TARGETS = (0.5, 0.33)
@@ -81,6 +82,7 @@ class Plan:
     full_steps: int | None = None  # None: the recipe's
     trim_steps: int | None = None
     eval_batch_size: int = 32
+    jobs: int | None = None  # pruned runs trained at once (None: one per CPU core; 1 on a GPU)
     extra: list[str] = field(default_factory=list)  # more recipe overrides for every run
 
 
@@ -127,9 +129,24 @@ def evaluate(run: Path, task: str, data: Path, *, batch_size: int, extra: Sequen
     return result
 
 
-def train(recipe: str, out: Path, data: Path, name: str, overrides: Sequence[str]) -> Path:
+def train_argv(recipe: str, out: Path, data: Path, name: str, overrides: Sequence[str]) -> list[str]:
+    """`trim train` of ``recipe`` into OUT/NAME, resuming whatever an earlier call left there."""
     common = [f"data.root={data}", f"output_dir={out}", f"name={name}", "train.resume=latest"]
-    run_trim(["train", recipe, *common, *overrides])
+    return ["train", recipe, *common, *overrides]
+
+
+def _train_steps(argv: Sequence[str]) -> int:
+    """train.steps of a `trim train RECIPE KEY=VALUE...` command (for its progress bar)."""
+    from trim.config import apply_override, read_yaml
+
+    raw = read_yaml(argv[1])
+    for item in argv[2:]:
+        apply_override(raw, item)
+    return int(raw["train"]["steps"])
+
+
+def train(recipe: str, out: Path, data: Path, name: str, overrides: Sequence[str]) -> Path:
+    run_trim(train_argv(recipe, out, data, name, overrides))
     return out / name
 
 
@@ -158,11 +175,19 @@ def run_plan(plan: Plan, world: SynthData, out: Path) -> dict[str, Any]:
     }
     steps = [f"train.steps={plan.trim_steps}", f"objective.curriculum.steps={plan.trim_steps // 2}"] \
         if plan.trim_steps else []  # fmt: skip
-    for method, target in plan.runs:
-        run = train(f"recipes/shapes_{task}_dual_tiny_smarttrim.yaml", out, data, run_name(task, method, target),
-                    seed + steps + [f"model.init_from={full}", f"objective.method={method}",
-                                    f"objective.target={target}"])  # fmt: skip
-        paths["trimmed"].append(evaluate(run, task, data, batch_size=plan.eval_batch_size))
+    recipe = f"recipes/shapes_{task}_dual_tiny_smarttrim.yaml"
+    trims = {run_name(task, method, target): train_argv(
+        recipe, out, data, run_name(task, method, target),
+        seed + steps + [f"model.init_from={full}", f"objective.method={method}", f"objective.target={target}"])
+        for method, target in plan.runs}  # fmt: skip
+    jobs = plan.jobs or default_jobs(len(trims))
+    if jobs > 1:  # train side by side, then evaluate one at a time: timing needs the whole machine
+        train_side_by_side([Job(argv, out / name, _train_steps(argv)) for name, argv in trims.items()],
+                           at_once=jobs, threads=threads_per_job(jobs))  # fmt: skip
+    for name, argv in trims.items():
+        if jobs == 1:
+            run_trim(argv)
+        paths["trimmed"].append(evaluate(out / name, task, data, batch_size=plan.eval_batch_size))
     return paths
 
 
@@ -237,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=Plan.pretrain_steps, help="trim pretrain-vision steps")
     p.add_argument("--full-steps", type=int, help="training steps of the full model (default: the recipe's)")
     p.add_argument("--trim-steps", type=int, help="training steps of each pruned model (default: the recipe's)")
+    p.add_argument("--jobs", type=int, help="pruned runs trained at once (default: one per CPU core at one thread "
+                                            "each; 1 on a GPU); evaluations and their timing run one at a time")
     p.add_argument("overrides", nargs="*", help="more recipe overrides for every run (key=value)")
     return p
 
@@ -256,7 +283,7 @@ def main(argv: list[str]) -> int:
     world = world_of(a)
     extra = [f"model.vision.image_size={a.image_size}", f"data.image_size={a.image_size}", *a.overrides]
     runs = [(method, target) for target in a.targets for method in a.methods]
-    plan = Plan(a.task, runs, a.pretrain_steps, a.full_steps, a.trim_steps, extra=extra)
+    plan = Plan(a.task, runs, a.pretrain_steps, a.full_steps, a.trim_steps, jobs=a.jobs, extra=extra)
     paths = run_plan(plan, world, out)
     text = print_table(paths)
     from trim.eval.report import write_report
