@@ -61,6 +61,14 @@ def test_generation_is_deterministic(tmp_path, png_world):
     assert manifest["tasks"]["nlvr2"]["val"]["shards"] == {"val-000000.tar": 8}
 
 
+
+def test_writing_splits_in_parallel_gives_the_same_files(tmp_path):
+    """`trim data synth --workers N`: each task/split in its own process; shards and manifest unchanged."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root, workers in ((one, 1), (two, 2)):
+        write_synthetic(root, {"train": 20, "val": 8}, image_size=48, shard_size=10, progress=False, workers=workers)
+    assert digest(one) == digest(two) and len(digest(one)) == 12
+
 # ----------------------------------------------------- answers against the pixels
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-objects", type=int, default=3, help="fewest objects in a scene (default 3)")
     p.add_argument("--max-objects", type=int, default=6, help="most objects in a scene (default 6)")
     p.add_argument("--size-scale", type=float, default=1.0, help="multiplies the object radii (default 1.0)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="task/splits written at once, one process each (default: the CPU cores; same shards)")
 
     p = sub.add_parser("vqa2", help="VQA v2 questions/annotations JSON + COCO images -> shards")
     common(p)
@@ -111,6 +114,7 @@ def main(argv: list[str]) -> int:
                 tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], image_size=args.image_size,
                 seed=args.seed, image_format=args.image_format, shard_size=args.shard_size,
                 questions_per_image=args.questions_per_image, world=world, progress=progress,
+                workers=args.workers,
             )  # fmt: skip
             for task, counts in written.items():
                 print(f"{task}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from trim.data.relevance import RELEVANCE_FILE, relevance_png
-from trim.data.shards import ANSWERS_FILE, SPLITS, TASKS, ShardSink
+from trim.data.shards import ANSWERS_FILE, SPLITS, TASKS, ShardSink, update_manifest
 from trim.data.synthetic import (
     STREAM_NLVR2,
     STREAM_SCENE,
@@ -141,8 +141,10 @@ def write_synthetic(
     questions_per_image: int = 3,
     world: World = World(),
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, dict[str, int]]:
-    """Write ``splits`` (split -> number of samples) for each task; returns the counts written."""
+    """Write ``splits`` (split -> number of samples) for each task; returns the counts written.
+    ``workers`` > 1 writes that many task/splits at once, in separate processes (same shards)."""
     unknown = [t for t in tasks if t not in TASKS] + [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown task/split {unknown}; tasks are {TASKS}, splits are {SPLITS}")
@@ -157,25 +159,48 @@ def write_synthetic(
         answers = f"vqa/{ANSWERS_FILE}"
         (out / "vqa").mkdir(exist_ok=True)
         (out / answers).write_text(json.dumps(vqa_answer_space()) + "\n")
+    units = [(task, split, n) for task in tasks for split, n in splits.items() if n > 0]
+    options = dict(image_size=image_size, seed=seed, image_format=image_format, shard_size=shard_size,
+                   questions_per_image=questions_per_image, world=world, source=source)
+    if workers > 1 and len(units) > 1:  # each task/split in its own process; shards do not depend on which
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(min(workers, len(units)), mp_context=get_context("spawn")) as pool:
+            biggest_first = sorted(range(len(units)), key=lambda i: -units[i][2])
+            futures = {i: pool.submit(_write_split, out, *units[i], progress=progress, position=i, **options)
+                       for i in biggest_first}  # fmt: skip
+            counts = [futures[i].result() for i in range(len(units))]
+    else:
+        counts = [_write_split(out, task, split, n, progress=progress, **options) for task, split, n in units]
     written: dict[str, dict[str, int]] = {}
-    for task in tasks:
-        for split, n in splits.items():
-            if n <= 0:
-                continue
-            if task == "vqa":
-                samples = vqa_samples(seed, split, n, image_size, image_format=image_format,
-                                      questions_per_image=questions_per_image, world=world)  # fmt: skip
-            elif task == "nlvr2":
-                samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format, world=world)
-            else:
-                samples = seg_samples(seed, split, n, image_size, world=world)
-            fmt = "png" if task == "seg" else image_format
-            sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": fmt},
-                             answers=answers if task == "vqa" else None)  # fmt: skip
-            with sink, tqdm(total=n, desc=f"synth {task}/{split}", unit="sample", disable=not progress) as bar:
-                for sample in samples:
-                    sink.write(sample)
-                    bar.update()
-            written.setdefault(task, {})[split] = sum(sink.counts.values())
+    for (task, split, _), shard_counts in zip(units, counts):  # the manifest is written by this process only
+        if shard_counts:
+            update_manifest(out, task, split, shard_counts, source={**source, "image_format": _format(task, image_format)},
+                            answers=answers if task == "vqa" else None)  # fmt: skip
+        written.setdefault(task, {})[split] = sum(shard_counts.values())
     return written
 
+
+def _format(task: str, image_format: str) -> str:
+    return "png" if task == "seg" else image_format
+
+
+def _write_split(out: Path, task: str, split: str, n: int, *, image_size: int, seed: int, image_format: str,
+                 shard_size: int, questions_per_image: int, world: World, source: dict, progress: bool,
+                 position: int = 0) -> dict[str, int]:  # fmt: skip
+    """Write one task/split's shards; returns the samples per shard (recorded in the manifest by the caller)."""
+    if task == "vqa":
+        samples = vqa_samples(seed, split, n, image_size, image_format=image_format,
+                              questions_per_image=questions_per_image, world=world)  # fmt: skip
+    elif task == "nlvr2":
+        samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format, world=world)
+    else:
+        samples = seg_samples(seed, split, n, image_size, world=world)
+    sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": _format(task, image_format)},
+                     record=False)  # fmt: skip
+    with sink, tqdm(total=n, desc=f"synth {task}/{split}", unit="sample", disable=not progress, position=position) as bar:
+        for sample in samples:
+            sink.write(sample)
+            bar.update()
+    return sink.counts

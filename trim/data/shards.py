@@ -124,11 +124,13 @@ class ShardSink:
         maxcount: int = 1000,
         source: Mapping[str, Any] | None = None,
         answers: str | None = None,
+        record: bool = True,
     ):
         if maxcount < 1:
             raise ValueError(f"maxcount={maxcount}: a shard must hold at least one sample")
         self.root, self.task, self.split, self.maxcount = Path(root), task, split, maxcount
         self.source, self.answers = source, answers
+        self.record = record  # False: the caller records the split (several processes write one root)
         directory = self.root / task
         directory.mkdir(parents=True, exist_ok=True)
         stale = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
@@ -148,11 +150,11 @@ class ShardSink:
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def close(self) -> dict[str, int]:
-        """Close the last shard and record the split in the manifest (if it has samples)."""
+        """Close the last shard and record the split in the manifest (if it has samples and ``record``)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self.counts:
+        if self.counts and self.record:
             update_manifest(self.root, self.task, self.split, self.counts, source=self.source, answers=self.answers)
         return self.counts
 
