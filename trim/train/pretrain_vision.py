@@ -90,7 +90,7 @@ def tower_tokens(vision: nn.Module, pixels: Tensor) -> Tensor:
     return vision.ln_post(x)[:, 1:]
 
 
-def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int, num_workers: int = 0):
+def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int):
     from trim.data import split_urls
     from trim.data.shards import read_manifest
     from trim.data.stream import build_loader
@@ -100,8 +100,7 @@ def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int,
         raise DataError(f"{data}/manifest.json lists no seg shards; write them with "
                         f"`trim data synth --out {data} --tasks vqa,seg` (the synthetic world's masks and attributes)")
     urls = split_urls(data, "seg", "train")
-    loader = build_loader(urls, "seg", batch_size=batch_size, mode="train", image_size=image_size, seed=seed,
-                          num_workers=num_workers)
+    loader = build_loader(urls, "seg", batch_size=batch_size, mode="train", image_size=image_size, seed=seed)
     for epoch in itertools.count():  # a loader pass is one epoch; pretraining may take several
         loader.set_epoch(epoch)
         for batch in loader:
@@ -114,7 +113,7 @@ def _batches(data: Path, image_size: int, grid: int, batch_size: int, seed: int,
 
 def pretrain_vision(recipe: str | Mapping[str, Any], data: str | Path, out: str | Path, *, steps: int = 1500, lr: float = 2e-3,
                     batch_size: int = 64, seed: int = 0, overrides: list[str] | None = None,
-                    progress: bool = True, num_workers: int = 1) -> dict[str, float]:  # fmt: skip
+                    progress: bool = True) -> dict[str, float]:  # fmt: skip
     """Train the recipe model's vision tower on patch attributes; save the whole model to ``out``."""
     from tqdm import tqdm
 
@@ -132,8 +131,7 @@ def pretrain_vision(recipe: str | Mapping[str, Any], data: str | Path, out: str 
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    # decoding a batch of seg masks takes about as long as a step of the tiny tower: a loader worker overlaps them
-    batches = _batches(Path(data), cfg.vision.image_size, cfg.vision.grid, batch_size, seed, num_workers)
+    batches = _batches(Path(data), cfg.vision.image_size, cfg.vision.grid, batch_size, seed)
     bar = tqdm(range(steps), desc="pretrain-vision", disable=not progress)
     accuracy: dict[str, float] = {}
     for step in bar:
@@ -160,15 +158,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1, help="data loader processes (0: load in this one)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="recipe overrides (key=value), e.g. model.vision.stem=conv")
     a = p.parse_intermixed_args(argv)
     start = time.time()
     try:
         accuracy = pretrain_vision(a.recipe, a.data, a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                                   seed=a.seed, overrides=a.overrides, progress=not a.quiet,
-                                   num_workers=a.num_workers)  # fmt: skip
+                                   seed=a.seed, overrides=a.overrides, progress=not a.quiet)  # fmt: skip
     except TrimError as exn:
         print(f"trim pretrain-vision: {type(exn).__name__}: {exn}", file=sys.stderr)
         return 1
