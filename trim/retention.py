@@ -12,7 +12,8 @@ it keep what the question needs? Every method trained and evaluated the same way
    stays at chance), evaluate it, and evaluate it **blind** (every image replaced by a
    constant): the gap between the two is how much the task needs the image,
 3. for every method x target: start from the full model, train with the same recipe, budget
-   curriculum, distillation and steps (`objective.method` is the only difference), evaluate,
+   curriculum, distillation and steps (`objective.method` is the only difference; on CPU the
+   runs train side by side, one per core: `trim.side_by_side`), then evaluate each in turn,
 4. print one table (method, target, per-sample cost, cost as a batch of 32 ran, accuracy, change vs full, relevance recall and
    lift at the last trimmed layer, measured speedup at batch 1 and 32) and write report.md and
    the Pareto figure with every method.
