@@ -34,8 +34,8 @@ BUDGETS = (0.6, 0.5, 0.4, 0.33)  # served by the SmartTrim 0.5 model's calibrati
 # At 2500 it scores about 81% against about 47% blind: it looks ("what color is the" 96%, "what is" 86%,
 # vs 21% for "other" answers blind), but it has not yet learned existence ("is there a" 64.6%, the prior;
 # the full 5000-step schedule reaches 90% there and 89.7% overall: `trim bench retention`). The four
-# pruned runs are shortened to 300 steps and train two at a time (trim.side_by_side). The whole demo
-# took 26 minutes on the 2-core machine.
+# pruned runs are shortened to 300 steps and train two at a time (trim.side_by_side). From a fresh
+# clone `make demo` took 30 minutes on the 2-core machine, 2.6 of them installing.
 # `trim bench retention --full-steps 2500 --trim-steps 300 --val-samples 1000` trains the same runs (same
 # names, data and seed), so its folder and the demo's can share them.
 FULL_STEPS = 2_500
