@@ -72,7 +72,7 @@ def last_step(run: Path) -> int:
 def train_side_by_side(jobs: Sequence[Job], *, at_once: int, threads: int) -> None:
     """Run every job's `trim train`, ``at_once`` at a time; raise SystemExit if any failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    pending, running, failed = list(jobs), {}, []
+    pending, running, failed = list(jobs), [], []
     print(f"\n# {len(jobs)} runs, {at_once} at a time with {threads} thread(s) each; each logs to RUN.log", flush=True)
     bar = tqdm(total=sum(j.steps for j in jobs), desc="training side by side", unit="step")
     while pending or running:
@@ -81,14 +81,11 @@ def train_side_by_side(jobs: Sequence[Job], *, at_once: int, threads: int) -> No
             job.run.parent.mkdir(parents=True, exist_ok=True)
             print(f"\n$ OMP_NUM_THREADS={threads} trim {shlex.join(job.argv)} > {job.log}", flush=True)
             with job.log.open("w") as log:
-                running[job.run] = (job, subprocess.Popen([*TRIM, *job.argv], stdout=log, stderr=subprocess.STDOUT,
-                                                          env=env))
+                running.append((job, subprocess.Popen([*TRIM, *job.argv], stdout=log, stderr=subprocess.STDOUT, env=env)))
         time.sleep(POLL_S)
-        for run, (job, process) in list(running.items()):
-            if process.poll() is not None:
-                del running[run]
-                if process.returncode:
-                    failed.append(job)
+        ended = [(job, process) for job, process in running if process.poll() is not None]
+        running = [entry for entry in running if entry not in ended]
+        failed += [job for job, process in ended if process.returncode]
         done = sum(min(last_step(j.run), j.steps) for j in jobs)
         bar.update(done - bar.n)
     bar.close()

@@ -161,7 +161,7 @@ def write_synthetic(
         (out / answers).write_text(json.dumps(vqa_answer_space()) + "\n")
     units = [(task, split, n) for task in tasks for split, n in splits.items() if n > 0]
     options = dict(image_size=image_size, seed=seed, image_format=image_format, shard_size=shard_size,
-                   questions_per_image=questions_per_image, world=world, source=source)
+                   questions_per_image=questions_per_image, world=world)
     if workers > 1 and len(units) > 1:  # each task/split in its own process; shards do not depend on which
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
@@ -187,7 +187,7 @@ def _format(task: str, image_format: str) -> str:
 
 
 def _write_split(out: Path, task: str, split: str, n: int, *, image_size: int, seed: int, image_format: str,
-                 shard_size: int, questions_per_image: int, world: World, source: dict, progress: bool,
+                 shard_size: int, questions_per_image: int, world: World, progress: bool,
                  position: int = 0) -> dict[str, int]:  # fmt: skip
     """Write one task/split's shards; returns the samples per shard (recorded in the manifest by the caller)."""
     if task == "vqa":
@@ -197,8 +197,7 @@ def _write_split(out: Path, task: str, split: str, n: int, *, image_size: int, s
         samples = nlvr2_samples(seed, split, n, image_size, image_format=image_format, world=world)
     else:
         samples = seg_samples(seed, split, n, image_size, world=world)
-    sink = ShardSink(out, task, split, maxcount=shard_size, source={**source, "image_format": _format(task, image_format)},
-                     record=False)  # fmt: skip
+    sink = ShardSink(out, task, split, maxcount=shard_size, record=False)  # the caller records the split
     with sink, tqdm(total=n, desc=f"synth {task}/{split}", unit="sample", disable=not progress, position=position) as bar:
         for sample in samples:
             sink.write(sample)
